@@ -1,0 +1,374 @@
+"""One typed config tree for a DAPO run: YAML files, dotted command-line overrides, presets, validation.
+
+A config file is YAML whose top-level keys are the sections below. Two extra keys layer files:
+`inherit: other.yaml` (a path relative to the file) loads that file first, and `preset: NAME` applies one of the
+PRESETS (the rows of the paper's ablation table) to the algorithm section before the file's own values.
+Overrides on the command line are `section.field=value`, the value parsed as YAML (`rollout.top_p=0.7`).
+Every unknown key and impossible value is rejected before anything starts, with the key and the fix named.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the key and what to change."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """The DAPO objective; each of the paper's four techniques is a switch here."""
+
+    samples_per_prompt: int = 16  # G: responses sampled per prompt, normalised as one group
+    scale_advantage_by_std: bool = True  # divide group-centred rewards by the group's std (GRPO, DAPO)
+    clip_eps_low: float = 0.2  # ratio may fall to 1 - eps_low
+    clip_eps_high: float = 0.28  # ratio may rise to 1 + eps_high (clip-higher when > eps_low)
+    dual_clip: float | None = None  # c > 1 caps the loss of negative-advantage tokens at c·|A|; None: off
+    loss_aggregation: Literal["token", "sample", "sequence_sum"] = "token"  # token: DAPO; sample: GRPO
+    overlong_filtering: bool = True  # truncated samples contribute no gradient
+    overlong_penalty: bool = True  # soft overlong punishment added to the rule reward
+    overlong_buffer_tokens: int = 4096  # L_cache: the penalty ramps over the last this-many tokens
+    dynamic_sampling: bool = True  # keep only groups with 0 < #correct < G, sample more until full
+    max_sampling_rounds: int = 10  # give up (with an error) after this many rounds cannot fill a batch
+    rollout_is_cap: float | None = None  # truncated importance weight π_old/π_rollout, capped; None: off
+    boxed_fallback: bool = True  # reward: read \boxed{} when no "Answer:" line exists
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from and how they become token ids."""
+
+    train_path: str = ""  # parquet or jsonl (DAPO-Math-17k layout, or any layout data/ detects)
+    format: Literal["auto", "dapo", "dapo_chat", "problem_answer", "gsm8k", "arithmetic"] = "auto"
+    max_prompt_tokens: int = 2048  # longer prompts are reported and handled per on_bad_row
+    on_bad_row: Literal["skip", "error"] = "skip"  # skip: report and drop; error: refuse to start
+    apply_chat_template: bool = True  # false for base models without a chat template
+    tokenizer_path: str = ""  # default: model.hf_path
+    shuffle: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """The policy: a Hugging Face architecture, trained as a Megatron-core GPT model."""
+
+    hf_path: str = ""  # HF directory: config.json and tokenizer, and the weights when `load` is empty
+    load: str = ""  # Megatron checkpoint to start from (tools/convert_hf_to_megatron.py); overrides weights
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    recompute_activations: bool = False  # full activation recompute: long sequences at ~1.3x compute
+    logprob_chunk_tokens: int = 4096  # memory-bounded log-probs, this many tokens per chunk; 0: plain path
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel degrees; data parallel is what remains of the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    sequence_parallel: bool = False  # GPU only (the CPU norm refuses it)
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: SGLang servers on GPUs, or the project's CPU engine speaking the same protocol."""
+
+    backend: Literal["sglang", "cpu"] = "sglang"
+    server_urls: list[str] = field(default_factory=list)  # running servers; empty: launch our own
+    num_servers: int = 1  # servers to launch when server_urls is empty
+    server_tp: int = 1  # tensor parallel size of each SGLang server
+    mem_fraction: float = 0.7  # SGLang --mem-fraction-static
+    colocate: bool = True  # servers share GPUs with training (release memory while training)
+    host: str = "127.0.0.1"
+    base_port: int = 30000
+    max_response_tokens: int = 20480  # L_max: generation stops here (the sample is then truncated)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_inflight_prompts: int = 0  # prompts in flight at once; 0: prompts_per_step x 2
+    weight_sync_bucket_mb: int = 512  # weights travel to the engine in buckets of about this size
+    request_timeout_s: float = 3600.0
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through the Megatron optimizer; the paper's constant lr with linear warm-up."""
+
+    lr: float = 1e-6
+    warmup_steps: int = 20  # rollout steps of linear warm-up from 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global grad-norm clip; 0: off
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, each named with its unit, and the run's length."""
+
+    prompts_per_step: int = 512  # prompts whose groups form one rollout step's batch
+    samples_per_minibatch: int = 512  # samples per gradient update: 512 x 16 / 512 = 16 updates per step
+    tokens_per_microbatch: int = 32768  # per-rank token budget of one packed micro-batch
+    steps: int = 1000  # rollout steps
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often the full RL state is saved; a run resumes from the latest complete save."""
+
+    dir: str = ""  # empty: logging.dir / "checkpoints"
+    save_every_steps: int = 10
+    keep_last: int = 2  # older complete checkpoints are deleted; 0 keeps all
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Run directory, TensorBoard scalars and the console progress bar."""
+
+    dir: str = "runs/dapo"
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation: the paper's AIME 2024 avg@32 at temperature 1.0, top-p 0.7."""
+
+    path: str = ""  # empty: no evaluation
+    every_steps: int = 5
+    samples_per_problem: int = 32
+    temperature: float = 1.0
+    top_p: float = 0.7
+    max_response_tokens: int = 0  # 0: rollout.max_response_tokens
+
+
+@dataclass
+class DapoConfig:
+    """A whole run."""
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# The paper's ablation table, row by row (DAPO.md): each row adds one technique to the row above.
+_NAIVE_GRPO = {
+    "clip_eps_low": 0.2,
+    "clip_eps_high": 0.2,
+    "loss_aggregation": "sample",
+    "overlong_filtering": False,
+    "overlong_penalty": False,
+    "dynamic_sampling": False,
+}
+_ROWS = [
+    ("naive_grpo", {}),
+    ("overlong_filtering", {"overlong_filtering": True}),
+    ("clip_higher", {"clip_eps_high": 0.28}),
+    ("soft_overlong", {"overlong_penalty": True}),
+    ("token_level", {"loss_aggregation": "token"}),
+    ("dapo", {"dynamic_sampling": True}),
+]
+
+
+def _cumulative_presets() -> dict[str, dict[str, Any]]:
+    presets, current = {}, dict(_NAIVE_GRPO)
+    for name, change in _ROWS:
+        current = {**current, **change}
+        presets[name] = current
+    return presets
+
+
+PRESETS: dict[str, dict[str, Any]] = _cumulative_presets()
+PAPER_AIME24 = {  # AIME 2024 avg@32 the paper reports for each row (Qwen2.5-32B base)
+    "naive_grpo": 30,
+    "overlong_filtering": 36,
+    "clip_higher": 38,
+    "soft_overlong": 41,
+    "token_level": 42,
+    "dapo": 50,
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DapoConfig:
+    """Build a validated config from an optional YAML file and `section.field=value` overrides."""
+    raw = _load_yaml_tree(Path(path)) if path else {}
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> DapoConfig:
+    """Build a validated config from a nested dict (the YAML tree with `preset` resolved or not)."""
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raw["algorithm"] = {**PRESETS[preset], **(raw.get("algorithm") or {})}
+    return _build(DapoConfig, raw, "")
+
+
+def _load_yaml_tree(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(tree).__name__}")
+    parent = tree.pop("inherit", None)
+    if parent is None:
+        return tree
+    return _merge(_load_yaml_tree((path.parent / parent).resolve()), tree)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_maps else value
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: write it as section.field=value, e.g. rollout.top_p=0.7")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is a value, not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {_join(where, close[0])}?" if close else f"; valid keys: {sorted(fields)}"
+            raise ConfigError(f"unknown key {_join(where, key)}{hint}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _convert(hints[name], raw[name], _join(where, name)) for name in fields if name in raw}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value or {}, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(args[0], item, where) for item in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported config type {hint}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DapoConfig) -> None:
+    """Reject settings that cannot work, naming the key and the fix."""
+    a, r, t, o, p = cfg.algorithm, cfg.rollout, cfg.train, cfg.optimizer, cfg.parallel
+    _require(a.samples_per_prompt >= 1, "algorithm.samples_per_prompt", "must be at least 1")
+    _require(
+        not a.dynamic_sampling or a.samples_per_prompt >= 2,
+        "algorithm.dynamic_sampling",
+        "needs samples_per_prompt >= 2 (a group of one is always all-correct or all-wrong)",
+    )
+    _require(0 <= a.clip_eps_low < 1, "algorithm.clip_eps_low", "must be in [0, 1)")
+    _require(a.clip_eps_high >= 0, "algorithm.clip_eps_high", "must be >= 0")
+    _require(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", "must be > 1, or null to disable")
+    _require(a.rollout_is_cap is None or a.rollout_is_cap >= 1, "algorithm.rollout_is_cap", "must be >= 1")
+    _require(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be at least 1")
+    _require(
+        not a.overlong_penalty or 0 < a.overlong_buffer_tokens < r.max_response_tokens,
+        "algorithm.overlong_buffer_tokens",
+        f"must be in (0, rollout.max_response_tokens={r.max_response_tokens}) when overlong_penalty is on",
+    )
+    _require(r.max_response_tokens >= 1, "rollout.max_response_tokens", "must be at least 1")
+    _require(r.temperature > 0, "rollout.temperature", "must be > 0 (training samples from the policy)")
+    _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    _require(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
+    _require(r.num_servers >= 1, "rollout.num_servers", "must be at least 1")
+    _require(0 < r.mem_fraction < 1, "rollout.mem_fraction", "must be in (0, 1)")
+    _require(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be at least 1")
+    _require(t.prompts_per_step >= 1, "train.prompts_per_step", "must be at least 1")
+    samples_per_step = t.prompts_per_step * a.samples_per_prompt
+    _require(
+        t.samples_per_minibatch >= 1 and samples_per_step % t.samples_per_minibatch == 0,
+        "train.samples_per_minibatch",
+        f"must divide prompts_per_step x samples_per_prompt = {samples_per_step}",
+    )
+    _require(t.tokens_per_microbatch >= 1, "train.tokens_per_microbatch", "must be at least 1")
+    _require(o.lr > 0, "optimizer.lr", "must be > 0")
+    _require(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    _require(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
+    for name in ("tensor", "pipeline", "context"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}", "must be at least 1")
+    _require(
+        not p.sequence_parallel or p.tensor > 1,
+        "parallel.sequence_parallel",
+        "needs parallel.tensor > 1 (it shards activations over the TP group)",
+    )
+    _require(cfg.checkpoint.save_every_steps >= 0, "checkpoint.save_every_steps", "must be >= 0 (0: never)")
+    _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")
+    _require(cfg.eval.samples_per_problem >= 1, "eval.samples_per_problem", "must be at least 1")
