@@ -1,5 +1,7 @@
 """megatron-dapo: DAPO reinforcement learning with Megatron-core training and SGLang rollouts."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 CPU_TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
@@ -8,7 +10,7 @@ setup(
     name="megatron-dapo",
     version="0.1.0",
     description="DAPO reinforcement learning for LLM reasoning: Megatron-core policy, SGLang rollouts",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",

@@ -1,8 +1,8 @@
 """One typed config tree for a DAPO run: YAML files, dotted command-line overrides, presets, validation.
 
 A config file is YAML whose top-level keys are the sections below. Two extra keys layer files:
-`inherit: other.yaml` (a path relative to the file) loads that file first, and `preset: NAME` applies one of the
-PRESETS (the rows of the paper's ablation table) to the algorithm section before the file's own values.
+`inherit: other.yaml` (a path relative to the file) loads that file first, and `preset: NAME` applies one of
+the PRESETS (the rows of the paper's ablation table) to the algorithm section before the file's own values.
 Overrides on the command line are `section.field=value`, the value parsed as YAML (`rollout.top_p=0.7`).
 Every unknown key and impossible value is rejected before anything starts, with the key and the fix named.
 """

@@ -1,5 +1,7 @@
 """The config tree: YAML layering, dotted overrides, presets, and errors that name the key and the fix."""
 
+import itertools
+
 import pytest
 import yaml
 
@@ -21,7 +23,9 @@ def test_yaml_inherit_preset_and_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text(
         "inherit: base.yaml\npreset: clip_higher\nrollout:\n  top_p: 0.95\nalgorithm:\n  dual_clip: 3\n"
     )
-    cfg = load_config(tmp_path / "run.yaml", ["train.steps=9", "rollout.server_urls=[http://a:1, http://b:2]"])
+    cfg = load_config(
+        tmp_path / "run.yaml", ["train.steps=9", "rollout.server_urls=[http://a:1, http://b:2]"]
+    )
     assert cfg.rollout.temperature == 0.9  # inherited
     assert cfg.rollout.top_p == 0.95  # the file beats what it inherits
     assert cfg.train.steps == 9  # the command line beats the file
@@ -33,9 +37,7 @@ def test_yaml_inherit_preset_and_overrides(tmp_path):
 def test_presets_add_one_technique_per_row():
     rows = list(PRESETS)
     assert rows == ["naive_grpo", "overlong_filtering", "clip_higher", "soft_overlong", "token_level", "dapo"]
-    changed = [
-        {k for k in PRESETS[b] if PRESETS[b][k] != PRESETS[a][k]} for a, b in zip(rows, rows[1:], strict=False)
-    ]
+    changed = [{k for k in PRESETS[b] if PRESETS[b][k] != PRESETS[a][k]} for a, b in itertools.pairwise(rows)]
     assert changed == [
         {"overlong_filtering"},
         {"clip_eps_high"},
