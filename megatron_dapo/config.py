@@ -38,7 +38,7 @@ class AlgorithmConfig:
     dynamic_sampling: bool = True  # keep only groups with 0 < #correct < G, sample more until full
     max_sampling_rounds: int = 10  # give up (with an error) after this many rounds cannot fill a batch
     rollout_is_cap: float | None = None  # truncated importance weight π_old/π_rollout, capped; None: off
-    boxed_fallback: bool = True  # reward: read \boxed{} when no "Answer:" line exists
+    boxed_fallback: bool = False  # reward: read \boxed{} when no "Answer:" line exists (the paper: no)
 
 
 @dataclass

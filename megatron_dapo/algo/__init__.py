@@ -1,0 +1,46 @@
+"""The DAPO algorithm as pure PyTorch functions: advantages, policy loss, overlong shaping, dynamic sampling,
+metrics. No process groups here: callers pass global counts in."""
+
+from megatron_dapo.algo.advantage import group_advantages
+from megatron_dapo.algo.loss import (
+    LOSS_AGGREGATIONS,
+    LossAggregation,
+    PolicyLossOutput,
+    aggregate_loss,
+    local_denominator,
+    policy_loss,
+    token_sample_index,
+    truncated_importance_weights,
+)
+from megatron_dapo.algo.metrics import (
+    finalize_metrics,
+    group_metric_sums,
+    merge_metric_sums,
+    rollout_metric_sums,
+    token_metric_sums,
+)
+from megatron_dapo.algo.overlong import overlong_filter_mask, overlong_penalty, overlong_penalty_tensor
+from megatron_dapo.algo.sampling import DynamicSampler, DynamicSamplingError, is_informative
+
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "DynamicSampler",
+    "DynamicSamplingError",
+    "LossAggregation",
+    "PolicyLossOutput",
+    "aggregate_loss",
+    "finalize_metrics",
+    "group_advantages",
+    "group_metric_sums",
+    "is_informative",
+    "local_denominator",
+    "merge_metric_sums",
+    "overlong_filter_mask",
+    "overlong_penalty",
+    "overlong_penalty_tensor",
+    "policy_loss",
+    "rollout_metric_sums",
+    "token_metric_sums",
+    "token_sample_index",
+    "truncated_importance_weights",
+]
