@@ -1,0 +1,154 @@
+"""The atomic checkpoint directory protocol and the RL state's exact round trip (RNG included)."""
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_dapo.algo.sampling import DynamicSampler
+from megatron_dapo.checkpoint.rl_state import (
+    COMPLETE,
+    RLState,
+    begin_save,
+    checkpoint_step,
+    complete_checkpoints,
+    finish_save,
+    latest_complete,
+    load_rl_state,
+    prune,
+    save_rl_state,
+    step_dir,
+)
+from megatron_dapo.rollout.types import Completion, FinishReason
+
+
+def _draws() -> tuple:
+    return (
+        random.random(),
+        np.random.rand(3).tolist(),
+        torch.rand(4).tolist(),
+        torch.randint(0, 1000, (3,)).tolist(),
+    )
+
+
+def _state(step: int) -> RLState:
+    sampler = DynamicSampler(prompts_per_step=2)
+    groups = [
+        [Completion([7, 8, i], [-0.5, -1.0, -0.25], FinishReason.STOP)] for i in range(3)
+    ]  # the loop's own objects, carried over as they are
+    for group, correct in zip(groups, ([True, False], [False, True], [True, False]), strict=True):
+        sampler.add(group, correct)
+    sampler.take_batch()  # the third group is carried into the next step
+    return RLState(
+        step=step,
+        loader={"epoch": 1, "offset": 37, "seed": 5, "shuffle": True, "num_prompts": 100},
+        sampler=sampler.state_dict(),
+        scheduler={"num_steps": step, "max_lr": 1e-6},
+        extra={"updates": 16 * step, "weights": torch.randn(3)},
+    )
+
+
+def _save(root: Path, step: int, *, crash_before_publish: bool = False) -> Path:
+    """The protocol as one rank runs it; a crash leaves the temporary directory behind."""
+    tmp = begin_save(root, step)
+    (tmp / "model.bin").write_bytes(os.urandom(64))  # stands in for model_io's files
+    save_rl_state(tmp, _state(step), rank=0)
+    if crash_before_publish:
+        return tmp
+    return finish_save(tmp)
+
+
+def test_rl_state_round_trip_and_rng_continue_exactly(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    _draws()
+    saved = _state(10)
+    save_rl_state(tmp_path, saved, rank=0)
+    expected = _draws()
+    _draws()  # the run goes on (or a fresh process starts) before resuming
+
+    loaded = load_rl_state(tmp_path, rank=0)
+    assert _draws() == expected
+    assert (loaded.step, loaded.loader, loaded.scheduler) == (saved.step, saved.loader, saved.scheduler)
+    assert loaded.extra["updates"] == 160 and torch.equal(loaded.extra["weights"], saved.extra["weights"])
+    resumed = DynamicSampler(prompts_per_step=2)
+    resumed.load_state_dict(loaded.sampler)
+    (carried,) = loaded.sampler["carried"]
+    assert carried[0].token_ids == [7, 8, 2] and carried[0].finish_reason is FinishReason.STOP
+    assert resumed.state_dict() == saved.sampler
+
+
+def test_rng_is_per_rank(tmp_path):
+    torch.manual_seed(0)
+    save_rl_state(tmp_path, _state(1), rank=0)
+    rank0_next = torch.rand(2)
+    torch.manual_seed(99)
+    save_rl_state(tmp_path, _state(1), rank=1)
+    rank1_next = torch.rand(2)
+
+    load_rl_state(tmp_path, rank=0)
+    assert torch.equal(torch.rand(2), rank0_next)
+    load_rl_state(tmp_path, rank=1)
+    assert torch.equal(torch.rand(2), rank1_next)
+    with pytest.warns(UserWarning, match="no RNG state for rank 2"):
+        assert load_rl_state(tmp_path, rank=2).step == 1
+
+
+def test_finish_save_publishes_a_complete_checkpoint(tmp_path):
+    final = _save(tmp_path, 10)
+    assert final == step_dir(tmp_path, 10) == tmp_path / "step_00000010"
+    assert (final / COMPLETE).is_file() and (final / "model.bin").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000010"]  # no temporary directory left
+    assert latest_complete(tmp_path) == final and checkpoint_step(final) == 10
+    assert load_rl_state(final, rank=0).step == 10
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    assert latest_complete(tmp_path) is None
+    previous = _save(tmp_path, 10)
+    tmp = _save(tmp_path, 20, crash_before_publish=True)
+    assert tmp.is_dir() and (tmp / "rl_state").is_dir()  # everything written, only the rename missing
+    assert latest_complete(tmp_path) == previous
+    assert complete_checkpoints(tmp_path) == [previous]
+    # a final-named directory without the marker (e.g. a partial copy) is not complete either
+    (tmp_path / "step_00000030").mkdir()
+    assert latest_complete(tmp_path) == previous
+    # the resumed run saves step 20 again, into a new temporary directory, and that one wins
+    resaved = _save(tmp_path, 20)
+    assert latest_complete(tmp_path) == resaved == step_dir(tmp_path, 20)
+
+
+def test_prune_keeps_the_newest_and_temp_dirs_that_may_be_in_use(tmp_path):
+    for step in (10, 20, 30):
+        _save(tmp_path, step)
+    stale = _save(tmp_path, 20, crash_before_publish=True)
+    an_hour_ago = time.time() - 3700
+    for path in [stale, *stale.rglob("*")]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    recent = _save(tmp_path, 30, crash_before_publish=True)  # maybe another writer, still busy
+    ahead = _save(tmp_path, 40, crash_before_publish=True)  # a save in progress, beyond the newest
+    for path in [ahead, *ahead.rglob("*")]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+    assert prune(tmp_path, keep_last=0) == [stale]  # 0 keeps every complete checkpoint
+    assert prune(tmp_path, keep_last=2) == [step_dir(tmp_path, 10)]
+    assert [checkpoint_step(p) for p in complete_checkpoints(tmp_path)] == [20, 30]
+    assert recent.is_dir() and ahead.is_dir()
+    assert prune(tmp_path, keep_last=1) == [step_dir(tmp_path, 20)]
+    assert latest_complete(tmp_path) == step_dir(tmp_path, 30)
+
+
+def test_finish_save_refuses_to_overwrite_or_publish_a_foreign_directory(tmp_path):
+    _save(tmp_path, 10)
+    with pytest.raises(FileExistsError, match="step_00000010 already exists"):
+        _save(tmp_path, 10)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ValueError, match="not a directory made by begin_save"):
+        finish_save(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="not a complete RL checkpoint"):
+        load_rl_state(tmp_path / "elsewhere", rank=0)
