@@ -41,7 +41,7 @@ def test_presets_add_one_technique_per_row():
     assert changed == [
         {"overlong_filtering"},
         {"clip_eps_high"},
-        {"overlong_penalty"},
+        {"overlong_filtering", "overlong_penalty"},
         {"loss_aggregation"},
         {"dynamic_sampling"},
     ]
@@ -86,3 +86,15 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_yaml_round_trip():
     cfg = load_config(None, ["preset=token_level", "rollout.top_k=20"])
     assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_a_files_preset_beats_what_it_inherits(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "preset: dapo\nalgorithm:\n  clip_eps_high: 0.3\n  samples_per_prompt: 8\n"
+    )
+    (tmp_path / "row.yaml").write_text("inherit: base.yaml\npreset: naive_grpo\n")
+    a = load_config(tmp_path / "row.yaml").algorithm
+    assert a.clip_eps_high == 0.2 and a.loss_aggregation == "sample"  # the child's preset beats the parent
+    assert a.samples_per_prompt == 8  # what the preset does not name is inherited
+    b = load_config(tmp_path / "base.yaml", ["preset=clip_higher", "algorithm.clip_eps_high=0.25"]).algorithm
+    assert b.loss_aggregation == "sample" and b.clip_eps_high == 0.25

@@ -1,0 +1,195 @@
+"""dapo-plan: parameter counts against transformers, memory arithmetic, refusals with working fixes, CLI."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from megatron_dapo.config import load_config
+from megatron_dapo.plan import (
+    GIB,
+    NAMED_MODELS,
+    Assumptions,
+    Cluster,
+    count_parameters,
+    load_model_shape,
+    main,
+    make_plan,
+    padded_vocab_size,
+    stage_parameters,
+)
+
+PAPER_32B = "examples/dapo_qwen32b.yaml"
+
+
+def _hf_parameter_count(hf_config: dict) -> int:
+    """Parameters of the transformers model, built on the meta device (no memory)."""
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    config = AutoConfig.for_model(hf_config["model_type"], **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+_QWEN2 = dict(model_type="qwen2", hidden_size=48, intermediate_size=136, num_hidden_layers=3,
+              num_attention_heads=6, num_key_value_heads=2, vocab_size=301)  # fmt: skip
+_SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+TINY = {
+    "qwen2": {**_QWEN2, "tie_word_embeddings": False},
+    "qwen2-tied": {**_QWEN2, "tie_word_embeddings": True},
+    "llama": {**_SMALL, "model_type": "llama", "num_key_value_heads": 4, "vocab_size": 257},
+    "qwen3": {**_SMALL, "model_type": "qwen3", "num_key_value_heads": 2, "head_dim": 24, "vocab_size": 200},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_parameter_count_equals_transformers(name, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY[name]))
+    assert count_parameters(load_model_shape(str(tmp_path))) == _hf_parameter_count(TINY[name])
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_MODELS))
+def test_named_shapes_are_the_released_models(name):
+    shape = load_model_shape(name)
+    assert shape.vocab_size == 152064 and shape.qkv_bias and not shape.tie_word_embeddings
+    assert count_parameters(shape) == _hf_parameter_count(NAMED_MODELS[name])
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2-tied"])
+def test_stages_hold_every_parameter_once(name, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY[name]))
+    shape = load_model_shape(str(tmp_path))
+    hidden, padding = shape.hidden_size, padded_vocab_size(shape.vocab_size, 1) - shape.vocab_size
+    assert padding == 384 - 301
+    for pp in (1, 3):
+        held = sum(stage_parameters(shape, 1, pp, stage) for stage in range(pp))
+        if not shape.tie_word_embeddings:
+            expected = count_parameters(shape) + 2 * padding * hidden  # embedding and output layer padded
+        elif pp == 1:
+            expected = count_parameters(shape) + padding * hidden  # one shared, padded matrix
+        else:
+            expected = (
+                count_parameters(shape) + (2 * padding + shape.vocab_size) * hidden
+            )  # a copy on the last
+        assert held == expected
+    # TP 2: norms are whole on each rank; everything else is split in two.
+    norms = shape.num_layers * 2 * hidden + hidden
+    whole = stage_parameters(shape, 1, 1, 0)
+    assert 2 * stage_parameters(shape, 2, 1, 0) - norms == whole
+
+
+def test_paper_setup_fits_16_nodes_with_hand_checked_figures():
+    cfg = load_config(PAPER_32B)
+    shape = load_model_shape("qwen2.5-32b")
+    plan = make_plan(cfg, shape, Cluster(nodes=16, gpus_per_node=8), Assumptions())
+    assert plan.fits, plan.problems
+    lay = plan.layout
+    assert (lay.tp, lay.pp, lay.cp, lay.dp, lay.servers) == (8, 2, 1, 8, 32)
+    first = plan.stages[0]
+    # Per GPU: bf16 weights (2 B), fp32 gradients (4 B), fp32 master + Adam moments (12 B) over DP 8.
+    assert first.parameter_bytes == 2 * first.parameters
+    assert first.gradient_bytes == 4 * first.parameters
+    assert first.optimizer_bytes == pytest.approx(12 * first.parameters / 8)
+    # 32 of 64 layers per stage, split over TP 8: about 32.76 B / 16 parameters per GPU.
+    assert first.parameters == pytest.approx(32.76e9 / 16, rel=0.03)
+    # Recompute keeps 2 micro-batches x 32 layers of [32768/8 tokens, 5120] bf16 inputs on the first stage.
+    layer_inputs = 2 * 32 * 32768 / 8 * 5120 * 2
+    assert layer_inputs < first.activation_bytes < layer_inputs + 2 * GIB
+    # SGLang TP 4: K and V of 64 layers x 2 KV heads x 128 channels in bf16 per token per GPU.
+    assert plan.rollout.kv_bytes_per_token == 2 * 64 * 2 * 128 * 2
+    pool = 79.6 * GIB * 0.65 - count_parameters(shape) * 2 / 4
+    assert plan.rollout.full_length_sequences_per_server == int(pool // (2 * 64 * 2 * 128 * 2)) // 22528
+
+
+def test_step_time_follows_the_stated_assumptions():
+    cfg = load_config(PAPER_32B)
+    assume = Assumptions(decode_tokens_per_s_per_gpu=1000, tail_ms_per_token=20, mean_response_fraction=0.25)
+    plan = make_plan(cfg, load_model_shape("qwen2.5-32b"), Cluster(nodes=16), assume)
+    generated = 512 * 16 / 0.5 * 5120  # dynamic sampling keeps half the groups
+    assert plan.time.generated_tokens == generated
+    assert plan.time.rollout_s == pytest.approx(max(generated / (1000 * 128), 20480 * 0.02))
+    slower = make_plan(
+        cfg, load_model_shape("qwen2.5-32b"), Cluster(nodes=16), dataclasses.replace(assume, mfu=0.175)
+    )
+    assert slower.time.training_s == pytest.approx(2 * plan.time.training_s)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (["parallel.tensor=3"], "does not divide num_attention_heads"),
+        (["parallel.pipeline=3"], "does not divide num_hidden_layers"),
+        (["train.tokens_per_microbatch=16384"], "cannot hold the longest sample"),
+        (["rollout.mem_fraction=0.2"], "KV cache"),
+        (["rollout.mem_fraction=0.9"], "colocated rollout needs"),
+        (["model.recompute_activations=false", "train.tokens_per_microbatch=65536"], "training needs"),
+    ],
+)
+def test_impossible_plans_are_refused_with_a_fix_that_works(overrides, problem, capsys):
+    args = ["--config", PAPER_32B, "--model", "qwen2.5-32b", "--nodes", "16", "--json", *overrides]
+    assert main(args) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["fits"] and any(problem in p["what"] for p in report["problems"])
+    assert report["fixes"]
+    for fix in report["fixes"]:
+        assert main([*args, *fix.split()]) == 0, fix
+        capsys.readouterr()
+
+
+def test_memory_fix_prefers_recompute(capsys):
+    args = ["--config", PAPER_32B, "--model", "qwen2.5-32b", "--nodes", "16"]
+    assert main([*args, "model.recompute_activations=false", "train.tokens_per_microbatch=65536"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "model.recompute_activations=true" in out.split("makes it fit")[1]
+
+
+def test_too_few_nodes_suggests_more(capsys):
+    args = ["--config", PAPER_32B, "--model", "qwen2.5-32b", "--json"]
+    assert main([*args, "--nodes", "1"]) == 1
+    (fix,) = json.loads(capsys.readouterr().out)["fixes"]
+    nodes = fix.split()[1]
+    assert fix == f"--nodes {nodes} (sbatch --nodes={nodes})" and int(nodes) > 1
+    assert main([*args, "--nodes", nodes]) == 0
+
+
+def test_dedicated_rollout_must_match_the_config(capsys):
+    args = [
+        "--config",
+        PAPER_32B,
+        "--model",
+        "qwen2.5-32b",
+        "--nodes",
+        "20",
+        "--rollout-nodes",
+        "4",
+        "--json",
+    ]
+    assert main(args) == 1
+    assert "rollout.colocate=false" in json.loads(capsys.readouterr().out)["problems"][0]["what"]
+    assert main([*args, "rollout.colocate=false"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"]["train_gpus"] == 128 and report["layout"]["servers"] == 8
+    assert report["config"]["rollout"]["colocate"] is False
+
+
+def test_table_and_model_from_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY["qwen2"]))
+    args = ["--nodes", "1", "--gpus-per-node", "2", "--kernels", "local", f"model.hf_path={tmp_path}",
+            "rollout.backend=cpu", "rollout.max_response_tokens=96", "algorithm.overlong_buffer_tokens=32",
+            "train.tokens_per_microbatch=256", "data.max_prompt_tokens=64"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "the CPU engine" in out and "FITS" in out and "only stage" in out and "SGLang, per GPU" not in out
+
+
+def test_unreadable_input_exits_2(capsys):
+    assert main(["--model", "qwen9-1t"]) == 2
+    assert "not a named shape" in capsys.readouterr().err
+    assert main([]) == 2
+    assert "pass --model" in capsys.readouterr().err
+    assert main(["--model", "qwen2.5-7b", "rollout.top_p=2"]) == 2
+    assert "rollout.top_p" in capsys.readouterr().err
+    assert main(["--model", "qwen2.5-7b", "--rollout-nodes", "1"]) == 2
+    assert "--rollout-nodes" in capsys.readouterr().err

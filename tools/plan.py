@@ -1,0 +1,7 @@
+"""dapo-plan: will a DAPO run fit, and how long will a step take (megatron_dapo/plan.py)."""
+
+import sys
+
+from megatron_dapo.plan import main
+
+sys.exit(main())
