@@ -22,7 +22,7 @@ setup(
         "packaging>=24.2",
         "psutil",
         "pyyaml",
-        "transformers>=4.51",
+        "transformers>=4.56",
         "tokenizers",
         "safetensors",
         "pyarrow",

@@ -1,10 +1,10 @@
 """What the rollout engines return: typed completions, so the trainer never reads a dict of strings."""
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     """Why generation ended; the values are SGLang's `meta_info.finish_reason.type` strings."""
 
     STOP = "stop"  # an EOS or stop token was generated
@@ -21,6 +21,7 @@ class SamplingParams:
     top_k: int = -1  # -1 disables top-k, as in SGLang
     max_new_tokens: int = 128  # tokens
     stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None  # SGLang's sampling_seed; sample i of a request draws with seed + i
 
 
 @dataclass

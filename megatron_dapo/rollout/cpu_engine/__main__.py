@@ -1,0 +1,115 @@
+"""Run the CPU engine: `python -m megatron_dapo.rollout.cpu_engine --model-path HF_DIR --port P`.
+
+Takes the core flags of `sglang.launch_server` so the same launcher drives both. The server deserializes
+pickled tensors sent to /update_weights_from_tensor: bind it to 127.0.0.1 (the default) and never expose it.
+Sharing cores with a trainer, give it few threads (OMP_NUM_THREADS=1 for small models): on a busy 2-core
+machine one decode step of the tests' tiny model took 6 ms with one thread and 320 ms with two.
+"""
+
+import argparse
+import contextlib
+import ipaddress
+import logging
+import random
+
+import torch
+from aiohttp import web
+from transformers import AutoTokenizer, GenerationConfig
+
+from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
+from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
+from megatron_dapo.rollout.cpu_engine.server import EngineServer
+
+logger = logging.getLogger("megatron_dapo.rollout.cpu_engine")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_dapo.rollout.cpu_engine",
+        description="A CPU server speaking SGLang's HTTP protocol: for CI, the CPU demo, runs without GPUs.",
+    )
+    parser.add_argument("--model-path", required=True, help="Hugging Face model directory")
+    parser.add_argument("--tokenizer-path", help="tokenizer directory (default: --model-path)")
+    parser.add_argument(
+        "--skip-tokenizer-init", action="store_true", help="no tokenizer: outputs carry no text"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="bind address; keep it local: weight updates are unpickled"
+    )
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1, help="must be 1 on CPU")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+        help="float32 by default (SGLang's default is the model's dtype): exact log-probs matter more on CPU",
+    )  # fmt: skip
+    parser.add_argument("--context-length", type=int, help="default: the model's max_position_embeddings")
+    parser.add_argument("--max-running-requests", type=int, default=256, help="sequences decoded together")
+    parser.add_argument("--random-seed", type=int, help="seeds requests that carry no sampling_seed")
+    parser.add_argument("--weight-version", default="default", help="reported until the first weight update")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Accepted so that a command line written for sglang.launch_server also starts the CPU engine.
+    parser.add_argument("--mem-fraction-static", type=float, help="no effect on CPU")
+    parser.add_argument(
+        "--enable-memory-saver", action="store_true", help="no effect on CPU (release always works)"
+    )
+    args = parser.parse_args(argv)
+    if args.tp_size != 1:
+        parser.error(f"--tp-size {args.tp_size}: the CPU engine runs one process; use --tp-size 1")
+    if args.random_seed is None:
+        args.random_seed = random.randrange(2**31)  # SGLang's default too: a random seed
+    return args
+
+
+def eos_token_ids(model_path: str, config, tokenizer) -> frozenset[int]:
+    """The ids SGLang stops on unless ignore_eos: EOS of the model, generation config and tokenizer."""
+    ids: set[int] = set()
+    sources = [config.eos_token_id]
+    with contextlib.suppress(OSError):  # no generation_config.json
+        sources.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
+    if tokenizer is not None:
+        sources.append(tokenizer.eos_token_id)
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(source)
+    return frozenset(ids)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+    )
+    if not _is_loopback(args.host):
+        logger.warning(
+            "binding to %s: /update_weights_from_tensor unpickles what it receives; never expose this port",
+            args.host,
+        )
+    runner = ModelRunner(args.model_path, DTYPES[args.dtype], args.context_length)
+    tokenizer_path = None if args.skip_tokenizer_init else (args.tokenizer_path or args.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else None
+    scheduler = Scheduler(
+        runner,
+        eos_token_ids=eos_token_ids(args.model_path, runner.model.config, tokenizer),
+        max_running_requests=args.max_running_requests,
+        seed=args.random_seed,
+    )
+    server = EngineServer(runner, scheduler, tokenizer, args.model_path, tokenizer_path, args.weight_version)
+    logger.info("CPU engine serving %s on http://%s:%d", args.model_path, args.host, args.port)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its sequences.
+    web.run_app(
+        server.app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Start, watch and restart rollout servers: `sglang.launch_server` on GPUs, the CPU engine elsewhere.
+
+Each server runs in a process session of its own, so stopping it stops the processes it spawned (SGLang's
+scheduler and detokenizer) through its process group, never by name. A restarted server holds the weights it
+was launched with: the trainer must push its current weights again before using it.
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import aiohttp
+
+SGLANG_MODULE = "sglang.launch_server"
+CPU_ENGINE_MODULE = "megatron_dapo.rollout.cpu_engine"
+ROUTER_MODULE = "sglang_router.launch_router"
+HEALTH_ROUTE = "/health"
+
+
+class ServerStartError(RuntimeError):
+    """A server exited or never became healthy; the message ends with the tail of its log."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One inference server, with the flags both engines share (SGLang's names)."""
+
+    model_path: str
+    port: int
+    engine: Literal["sglang", "cpu"] = "sglang"
+    host: str = "127.0.0.1"  # the server unpickles weight payloads: keep it local
+    tp_size: int = 1  # GPUs per server (the CPU engine takes 1)
+    mem_fraction_static: float | None = None  # SGLang: share of GPU memory for weights and KV cache
+    enable_memory_saver: bool = False  # SGLang: lets the server release GPU memory to a colocated trainer
+    base_gpu_id: int | None = None  # SGLang: first GPU of this server
+    random_seed: int | None = None
+    log_level: str = "info"
+    log_file: str | None = None  # the server's stdout and stderr, appended; None: inherited
+    extra_args: tuple[str, ...] = ()  # passed through verbatim
+    env: Mapping[str, str] = field(default_factory=dict)  # e.g. OMP_NUM_THREADS for a CPU engine
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        if self.engine == "cpu" and self.base_gpu_id is not None:
+            raise ValueError("base_gpu_id: the CPU engine uses no GPU; leave it None")
+        module = SGLANG_MODULE if self.engine == "sglang" else CPU_ENGINE_MODULE
+        command = [sys.executable, "-m", module, "--model-path", self.model_path, "--host", self.host]
+        command += ["--port", str(self.port), "--tp-size", str(self.tp_size), "--log-level", self.log_level]
+        if self.mem_fraction_static is not None:
+            command += ["--mem-fraction-static", str(self.mem_fraction_static)]
+        if self.enable_memory_saver:
+            command.append("--enable-memory-saver")
+        if self.base_gpu_id is not None:
+            command += ["--base-gpu-id", str(self.base_gpu_id)]
+        if self.random_seed is not None:
+            command += ["--random-seed", str(self.random_seed)]
+        return command + list(self.extra_args)
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """An sglang-router in front of the servers (package sglang-router; GPU installs only)."""
+
+    worker_urls: tuple[str, ...]
+    port: int
+    host: str = "127.0.0.1"
+    policy: str = "cache_aware"  # the router's default: routes by prompt prefix, balances load
+    log_file: str | None = None
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", ROUTER_MODULE, "--worker-urls", *self.worker_urls]
+        return [
+            *command,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--policy",
+            self.policy,
+            *self.extra_args,
+        ]
+
+
+class _Launchable(Protocol):
+    url: str
+    log_file: str | None
+    env: Mapping[str, str]
+
+    def command(self) -> list[str]: ...
+
+
+class ManagedServer:
+    """One server process: start, health wait, stop, restart."""
+
+    def __init__(self, spec: _Launchable):
+        self.spec = spec
+        self.url = spec.url
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"{self.url} is already running (pid {self.process.pid})")
+        log = open(self.spec.log_file, "ab") if self.spec.log_file else None  # noqa: SIM115 (the child keeps it)
+        try:
+            self.process = subprocess.Popen(
+                self.spec.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT if log else None,
+                env={**os.environ, **self.spec.env},
+                start_new_session=True,  # its own process group, for stop()
+            )
+        finally:
+            if log:
+                log.close()  # the child holds its own descriptor
+
+    def exited(self) -> bool:
+        return self.process is None or self.process.poll() is not None
+
+    async def wait_until_healthy(self, timeout_s: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self.exited():
+                    code = None if self.process is None else self.process.returncode
+                    raise ServerStartError(f"{self.url} exited with code {code}{self._log_tail()}")
+                if await _answers_health(session, self.url, timeout_s=5.0):
+                    return
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ServerStartError(
+                        f"{self.url} not healthy after {timeout_s:.0f} s{self._log_tail()}"
+                    )
+                await asyncio.sleep(0.5)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM the server's process group, then SIGKILL what is left (or outlived the leader)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout_s)
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is already gone
+            os.killpg(self.process.pid, sig)
+
+    async def restart(self, timeout_s: float) -> None:
+        self.stop()
+        self.start()
+        await self.wait_until_healthy(timeout_s)
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        if not self.spec.log_file or not Path(self.spec.log_file).exists():
+            return ""
+        return "; log tail:\n" + Path(self.spec.log_file).read_text(errors="replace")[-chars:]
+
+
+async def _answers_health(session: aiohttp.ClientSession, url: str, timeout_s: float) -> bool:
+    try:
+        async with session.get(
+            url + HEALTH_ROUTE, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+class ServerPool:
+    """The rollout servers of a run, and their router if any: `async with ServerPool(specs) as pool`."""
+
+    def __init__(
+        self, specs: Sequence[_Launchable], router: RouterSpec | None = None, start_timeout_s: float = 900
+    ):
+        self.servers = [ManagedServer(spec) for spec in specs]
+        self.router = ManagedServer(router) if router else None
+        self.start_timeout_s = start_timeout_s  # model loading (and SGLang's CUDA graphs) can take minutes
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+    @property
+    def router_url(self) -> str | None:
+        return self.router.url if self.router else None
+
+    async def start(self) -> None:
+        """Start every server at once and wait until all are healthy; on failure stop them all."""
+        try:
+            for server in self.servers:
+                server.start()
+            await asyncio.gather(
+                *(server.wait_until_healthy(self.start_timeout_s) for server in self.servers)
+            )
+            if self.router:
+                self.router.start()
+                await self.router.wait_until_healthy(self.start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def restart_dead(self, probe_timeout_s: float = 30.0) -> list[str]:
+        """Restart every server whose process has exited or that fails /health; returns their URLs."""
+        async with aiohttp.ClientSession() as session:
+            healthy = await asyncio.gather(
+                *(
+                    _answers_health(session, server.url, probe_timeout_s) if not server.exited() else _false()
+                    for server in self.servers
+                )
+            )
+        dead = [server for server, ok in zip(self.servers, healthy, strict=True) if not ok]
+        await asyncio.gather(*(server.restart(self.start_timeout_s) for server in dead))
+        return [server.url for server in dead]
+
+    def stop(self) -> None:
+        for server in ([self.router] if self.router else []) + self.servers:
+            server.stop()
+
+    async def __aenter__(self) -> "ServerPool":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.stop()
+
+
+async def _false() -> bool:
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now (another process may still take it before the server binds)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

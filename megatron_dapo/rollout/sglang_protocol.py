@@ -1,0 +1,667 @@
+"""SGLang's HTTP protocol: every body the SGLang client and the CPU engine exchange, built and parsed here.
+
+Field names, defaults and semantics follow SGLang's own definitions: `GenerateReqInput` and the weight-update,
+memory and abort structs of `srt/managers/io_struct.py`, `srt/sampling/sampling_params.py`, the routes of
+`srt/entrypoints/http_server.py`, and the finish reasons of `srt/managers/schedule_batch.py`. The commits read
+are pinned in tests/unit/test_rollout_protocol.py, which also pins every field name, so the client and the
+CPU engine cannot drift from SGLang or from each other. Nothing here imports SGLang.
+"""
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
+
+# Routes (http_server.py).
+GENERATE = "/generate"
+HEALTH = "/health"
+HEALTH_GENERATE = "/health_generate"
+ABORT_REQUEST = "/abort_request"
+FLUSH_CACHE = "/flush_cache"
+UPDATE_WEIGHTS_FROM_TENSOR = "/update_weights_from_tensor"
+INIT_WEIGHTS_UPDATE_GROUP = "/init_weights_update_group"
+DESTROY_WEIGHTS_UPDATE_GROUP = "/destroy_weights_update_group"
+UPDATE_WEIGHTS_FROM_DISTRIBUTED = "/update_weights_from_distributed"
+RELEASE_MEMORY_OCCUPATION = "/release_memory_occupation"
+RESUME_MEMORY_OCCUPATION = "/resume_memory_occupation"
+GET_MODEL_INFO = "/get_model_info"
+MODEL_INFO = "/model_info"  # newer SGLang's name for /get_model_info
+GET_WEIGHT_VERSION = "/get_weight_version"
+
+# Field names of SGLang's request structs. Every struct derived from BaseReq also carries BASE_REQ_FIELDS.
+BASE_REQ_FIELDS = frozenset({"rid", "http_worker_ipc"})
+GENERATE_REQ_FIELDS = frozenset(
+    {
+        "rid", "session_id", "text", "input_ids", "input_embeds", "image_data", "video_data", "audio_data",
+        "mm_hashes", "mm_content_hashes", "use_audio_in_video", "video_config", "sampling_params",
+        "return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob",
+        "return_sampling_mask", "return_text_in_logprobs", "return_flat_raw_top_logprobs",
+        "return_flat_raw_top_logprobs_b64", "stream", "log_metrics", "return_hidden_states",
+        "return_routed_experts", "routed_experts_start_len", "return_indexer_topk", "modalities",
+        "session_params", "lora_path", "lora_id", "custom_logit_processor", "positional_embed_overrides",
+        "bootstrap_host", "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "decode_tp_size",
+        "routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank", "kv_router_hint", "routing_key",
+        "conversation_id", "http_worker_ipc", "background", "require_reasoning", "max_thinking_tokens",
+        "priority", "extra_key", "no_logs", "custom_labels", "return_bytes", "return_entropy",
+        "return_prompt_token_ids", "external_trace_header", "received_time", "need_wait_for_mm_inputs",
+        "num_items_assigned", "encoder_urls", "max_dynamic_patch", "min_dynamic_patch",
+        "image_max_dynamic_patch", "video_max_dynamic_patch", "images_config",
+        "multi_item_delimiter_indices", "cache_salt",
+    }
+)  # fmt: skip
+SAMPLING_PARAMS_FIELDS = frozenset(
+    {
+        "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+        "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema",
+        "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+        "spaces_between_special_tokens", "no_stop_trim", "custom_params", "stream_interval", "logit_bias",
+        "sampling_seed",
+    }
+)  # fmt: skip
+UPDATE_WEIGHTS_FROM_TENSOR_FIELDS = BASE_REQ_FIELDS | {
+    "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
+    "disable_draft_model", "torch_empty_cache",
+}  # fmt: skip
+INIT_WEIGHTS_UPDATE_GROUP_FIELDS = BASE_REQ_FIELDS | {
+    "master_address", "master_port", "rank_offset", "world_size", "group_name", "backend",
+}  # fmt: skip
+DESTROY_WEIGHTS_UPDATE_GROUP_FIELDS = BASE_REQ_FIELDS | {"group_name"}
+UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS = BASE_REQ_FIELDS | {
+    "names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version",
+    "load_format", "torch_empty_cache",
+}  # fmt: skip
+MEMORY_OCCUPATION_FIELDS = BASE_REQ_FIELDS | {"tags"}  # Release- and ResumeMemoryOccupationReqInput
+ABORT_REQ_FIELDS = BASE_REQ_FIELDS | {"abort_all", "finished_reason", "abort_message", "weight_versions"}
+
+# Response fields: /generate (tokenizer_manager.py `_handle_batch_output`), /get_model_info, weight updates.
+GENERATE_RESPONSE_FIELDS = frozenset({"text", "output_ids", "meta_info"})
+GENERATE_META_INFO_FIELDS = frozenset(
+    {"id", "finish_reason", "prompt_tokens", "weight_version", "total_retractions", "completion_tokens",
+     "cached_tokens", "e2e_latency"}
+)  # fmt: skip
+LOGPROB_META_INFO_FIELDS = frozenset({"input_token_logprobs", "output_token_logprobs"})
+MODEL_INFO_FIELDS = frozenset(
+    {"model_path", "tokenizer_path", "is_generation", "preferred_sampling_params", "weight_version"}
+)
+UPDATE_WEIGHTS_RESPONSE_FIELDS = frozenset({"success", "message"})
+
+DEFAULT_GROUP_NAME = "weight_update_group"  # InitWeightsUpdateGroupReqInput.group_name
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # srt/constants.py GPU_MEMORY_TYPE_*
+FLATTENED_BUCKET = "flattened_bucket"  # load_format of a FlattenedTensorBucket payload
+# SGLang treats 0 <= temperature < this as greedy (top_k = 1, temperature = 1); top_k at or above TOP_K_ALL
+# (and -1) means the whole vocabulary.
+GREEDY_TEMPERATURE_EPS = 1e-6
+TOP_K_ALL = 1 << 30
+
+
+class ProtocolError(ValueError):
+    """A body that breaks SGLang's schema or asks for something the receiver does not implement."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# ---------------------------------------------------------------- finish reasons (schedule_batch.py FINISH_*)
+
+
+def finish_stop(matched_token_id: int) -> dict:
+    """FINISH_MATCHED_TOKEN: an EOS or stop token was generated (and is the last output token)."""
+    return {"type": FinishReason.STOP.value, "matched": matched_token_id}
+
+
+def finish_length(length: int) -> dict:
+    """FINISH_LENGTH: max_new_tokens (or the context length) was reached."""
+    return {"type": FinishReason.LENGTH.value, "length": length}
+
+
+def finish_abort(message: str) -> dict:
+    """FINISH_ABORT without status code: a user abort, answered with HTTP 200 and the partial output."""
+    return {"type": FinishReason.ABORT.value, "message": message, "status_code": None, "err_type": None}
+
+
+def parse_finish_reason(finish: Mapping[str, Any] | None) -> FinishReason:
+    if finish is None:
+        raise ProtocolError("meta_info.finish_reason", "missing: the request has not finished")
+    try:
+        return FinishReason(finish["type"])
+    except (KeyError, ValueError) as error:
+        raise ProtocolError("meta_info.finish_reason", f"unknown finish reason {finish!r}") from error
+
+
+# ---------------------------------------------------------------- client side: request bodies
+
+
+def sampling_params_body(params: SamplingParams, sampling_seed: int | None) -> dict:
+    """The `sampling_params` dict of a /generate body (n = 1: the client sends one request per sample)."""
+    body = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "max_new_tokens": params.max_new_tokens,
+        "stop_token_ids": list(params.stop_token_ids),
+    }
+    if sampling_seed is not None:  # only newer SGLang knows the field: never send it unasked
+        body["sampling_seed"] = sampling_seed
+    return body
+
+
+def generate_body(
+    input_ids: Sequence[int], params: SamplingParams, rid: str, sampling_seed: int | None
+) -> dict:
+    """One sample of one prompt, with the log-prob of every generated token and nothing of the prompt."""
+    return {
+        "rid": rid,
+        "input_ids": list(input_ids),
+        "sampling_params": sampling_params_body(params, sampling_seed),
+        "return_logprob": True,
+        "logprob_start_len": -1,  # output tokens only
+        "stream": False,
+    }
+
+
+def abort_body(rid: str) -> dict:
+    """Abort the request with this rid and those whose rid starts with it (SGLang matches prefixes)."""
+    if not rid:
+        raise ProtocolError(
+            "rid", "an empty rid is a prefix of every rid: use abort_all_body() to abort everything"
+        )
+    return {"rid": rid, "abort_all": False}
+
+
+def abort_all_body() -> dict:
+    return {"abort_all": True}
+
+
+def update_weights_from_tensor_body(
+    serialized_named_tensors: Sequence[str],
+    load_format: str | None,
+    flush_cache: bool,
+    weight_version: int | None,
+    abort_all_requests: bool = False,
+) -> dict:
+    """`serialized_named_tensors` holds one base64 payload per TP rank of the receiving server."""
+    return {
+        "serialized_named_tensors": list(serialized_named_tensors),
+        "load_format": load_format,
+        "flush_cache": flush_cache,
+        "abort_all_requests": abort_all_requests,
+        "weight_version": None if weight_version is None else str(weight_version),
+    }
+
+
+def init_weights_update_group_body(
+    master_address: str,
+    master_port: int,
+    rank_offset: int,
+    world_size: int,
+    group_name: str = DEFAULT_GROUP_NAME,
+    backend: str = "nccl",
+) -> dict:
+    return {
+        "master_address": master_address,
+        "master_port": master_port,
+        "rank_offset": rank_offset,
+        "world_size": world_size,
+        "group_name": group_name,
+        "backend": backend,
+    }
+
+
+def destroy_weights_update_group_body(group_name: str = DEFAULT_GROUP_NAME) -> dict:
+    return {"group_name": group_name}
+
+
+def update_weights_from_distributed_body(
+    names: Sequence[str],
+    dtypes: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    group_name: str,
+    load_format: str | None,
+    flush_cache: bool,
+    weight_version: int | None,
+) -> dict:
+    """Tensors follow by broadcast from rank 0 of the group; dtypes are torch names without 'torch.'."""
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ProtocolError("names", f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes")
+    return {
+        "names": list(names),
+        "dtypes": list(dtypes),
+        "shapes": [list(shape) for shape in shapes],
+        "group_name": group_name,
+        "load_format": load_format,
+        "flush_cache": flush_cache,
+        "weight_version": None if weight_version is None else str(weight_version),
+    }
+
+
+def memory_occupation_body(tags: Sequence[str] | None) -> dict:
+    """Body of /release_memory_occupation and /resume_memory_occupation; None means every tag."""
+    if tags is not None:
+        unknown = set(tags) - set(MEMORY_TAGS)
+        if unknown:
+            raise ProtocolError("tags", f"unknown memory tags {sorted(unknown)}; SGLang knows {MEMORY_TAGS}")
+    return {"tags": None if tags is None else list(tags)}
+
+
+# ---------------------------------------------------------------- client side: responses
+
+
+def parse_weight_version(value: Any) -> int:
+    """SGLang keeps the version as a string ("default" before any update); ours are integers."""
+    if value is None or value == "default":
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError) as error:
+        raise ProtocolError("weight_version", f"{value!r} is not an integer version") from error
+
+
+def parse_generate_response(body: Any) -> Completion:
+    """One /generate response (a dict, or a list holding one) as a Completion."""
+    if isinstance(body, list):
+        if len(body) != 1:
+            raise ProtocolError("response", f"expected one output, got {len(body)}")
+        body = body[0]
+    if not isinstance(body, dict) or "meta_info" not in body:
+        raise ProtocolError("response", f"not a /generate output: {str(body)[:200]}")
+    meta = body["meta_info"]
+    finish_reason = parse_finish_reason(meta.get("finish_reason"))
+    # An abort before prefill carries no log-probs at all; otherwise one [logprob, token_id, text] per token.
+    triples = meta.get("output_token_logprobs") or []
+    token_ids = [int(triple[1]) for triple in triples]
+    logprobs = [float(triple[0]) for triple in triples]
+    output_ids = body.get("output_ids")
+    if output_ids is not None and list(output_ids) != token_ids and triples:
+        raise ProtocolError("output_ids", "output_ids and output_token_logprobs disagree")
+    if not triples and output_ids:
+        raise ProtocolError("meta_info.output_token_logprobs", "missing although tokens were generated")
+    extras = {
+        key: meta[key] for key in ("id", "prompt_tokens", "cached_tokens", "e2e_latency") if key in meta
+    }
+    if "text" in body:
+        extras["text"] = body["text"]
+    return Completion(
+        token_ids=token_ids,
+        logprobs=logprobs,
+        finish_reason=finish_reason,
+        weight_version=parse_weight_version(meta.get("weight_version")),
+        meta=extras,
+    )
+
+
+def parse_success_response(body: Any, route: str) -> str:
+    """The message of a {"success", "message"} answer; raise unless it succeeded."""
+    if not isinstance(body, dict) or body.get("success") is not True:
+        raise ProtocolError(route, f"the server reported failure: {body}")
+    return str(body.get("message", ""))
+
+
+# ---------------------------------------------------------------- server side (CPU engine): requests
+
+# /generate fields that change nothing about the generated tokens: accepted and ignored.
+_GENERATE_METADATA_FIELDS = frozenset(
+    {"log_metrics", "no_logs", "custom_labels", "priority", "routing_key", "conversation_id", "received_time",
+     "external_trace_header", "http_worker_ipc", "extra_key", "cache_salt", "routed_dp_rank",
+     "data_parallel_rank"}
+)  # fmt: skip
+_GENERATE_HONOURED_FIELDS = frozenset(
+    {"rid", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
+     "return_text_in_logprobs", "stream"}
+)  # fmt: skip
+_SAMPLING_HONOURED_FIELDS = frozenset(
+    {"max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "n", "ignore_eos", "sampling_seed",
+     "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"}
+)  # fmt: skip
+# Sampling fields the CPU engine rejects unless they hold SGLang's default.
+_SAMPLING_DEFAULTS = {
+    "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EngineSampling:
+    """Sampling settings after SGLang's normalisation (SamplingParams.__post_init__ and verify)."""
+
+    temperature: float  # > 0; greedy requests carry 1.0 with top_k = 1, as in SGLang
+    top_p: float  # in (0, 1]
+    top_k: int | None  # None: the whole vocabulary
+    max_new_tokens: int | None  # tokens; None: up to the context length
+    stop_token_ids: frozenset[int]
+    ignore_eos: bool
+    sampling_seed: int | None
+    skip_special_tokens: bool  # these two shape only the returned text
+    no_stop_trim: bool
+
+
+@dataclass(frozen=True)
+class GenerateItem:
+    """One sequence to generate: SGLang expands a batch of prompts times n into these."""
+
+    rid: str
+    input_ids: tuple[int, ...]
+    sampling: EngineSampling
+    return_logprob: bool
+    return_text_in_logprobs: bool
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (int, float, str, list, dict)) and not value)
+
+
+def _reject_unknown(body: Mapping[str, Any], schema: frozenset[str], where: str) -> None:
+    if not isinstance(body, Mapping):
+        raise ProtocolError(where, f"expected a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - schema)
+    if unknown:
+        raise ProtocolError(f"{where}.{unknown[0]}", f"not a field of SGLang's schema (unknown: {unknown})")
+
+
+def parse_engine_sampling(body: Mapping[str, Any] | None) -> tuple[EngineSampling, int]:
+    """SGLang's sampling params as the CPU engine runs them, and n (samples per prompt)."""
+    body = body or {}
+    _reject_unknown(body, SAMPLING_PARAMS_FIELDS, "sampling_params")
+    for name, value in body.items():
+        if name in _SAMPLING_HONOURED_FIELDS:
+            continue
+        if name in _SAMPLING_DEFAULTS and (value is None or value == _SAMPLING_DEFAULTS[name]):
+            continue
+        if name not in _SAMPLING_DEFAULTS and _is_unset(value):
+            continue
+        raise ProtocolError(f"sampling_params.{name}", f"{value!r} is not supported by the CPU engine")
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
+    top_k = int(_number(body, "top_k", -1))
+    if not temperature >= 0.0 or temperature == float("inf"):
+        raise ProtocolError(
+            "sampling_params.temperature", f"must be a non-negative finite number, got {temperature}"
+        )
+    if 0.0 <= temperature < GREEDY_TEMPERATURE_EPS:
+        temperature, top_k = 1.0, 1
+    if not 0.0 < top_p <= 1.0:
+        raise ProtocolError("sampling_params.top_p", f"must be in (0, 1], got {top_p}")
+    if top_k < 1 and top_k != -1:
+        raise ProtocolError("sampling_params.top_k", f"must be -1 (disabled) or at least 1, got {top_k}")
+    max_new_tokens = body.get("max_new_tokens", 128)
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+        raise ProtocolError(
+            "sampling_params.max_new_tokens", f"must be an integer >= 0, got {max_new_tokens!r}"
+        )
+    n = 1 if body.get("n") is None else body["n"]
+    if not isinstance(n, int) or n < 1:
+        raise ProtocolError("sampling_params.n", f"must be an integer >= 1, got {n!r}")
+    seed = body.get("sampling_seed")
+    if seed is not None and not isinstance(seed, int):
+        raise ProtocolError("sampling_params.sampling_seed", f"must be an integer, got {seed!r}")
+    sampling = EngineSampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=None if top_k == -1 or top_k >= TOP_K_ALL else top_k,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=frozenset(int(token) for token in body.get("stop_token_ids") or ()),
+        ignore_eos=bool(body.get("ignore_eos", False)),
+        sampling_seed=seed,
+        skip_special_tokens=body.get("skip_special_tokens", True) is not False,
+        no_stop_trim=bool(body.get("no_stop_trim", False)),
+    )
+    return sampling, n
+
+
+def _number(body: Mapping[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:  # SGLang treats null as "use the default"
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"sampling_params.{name}", f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _input_batch(body: Mapping[str, Any], vocab_size: int) -> tuple[list[tuple[int, ...]], bool]:
+    """The prompts of a /generate body and whether it was a single prompt."""
+    if body.get("text") is not None or body.get("input_embeds") is not None:
+        raise ProtocolError(
+            "text", "the CPU engine takes token ids: send input_ids instead of text/input_embeds"
+        )
+    input_ids = body.get("input_ids")
+    if not isinstance(input_ids, list) or not input_ids:
+        raise ProtocolError("input_ids", "must be a non-empty list of token ids (or a list of such lists)")
+    is_single = not isinstance(input_ids[0], list)
+    prompts = [input_ids] if is_single else input_ids
+    checked = []
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, list) or not prompt:
+            raise ProtocolError(f"input_ids[{index}]", "must be a non-empty list of token ids")
+        if not all(isinstance(token, int) and 0 <= token < vocab_size for token in prompt):
+            raise ProtocolError(f"input_ids[{index}]", f"token ids must be integers in [0, {vocab_size})")
+        checked.append(tuple(prompt))
+    return checked, is_single
+
+
+def _expanded_rids(rid: Any, batch_size: int, n: int, is_single: bool) -> list[str]:
+    """Request ids as GenerateReqInput.normalize_batch_and_arguments expands them."""
+    total = batch_size * n
+    if is_single and n == 1:
+        if rid is not None and not isinstance(rid, str):
+            raise ProtocolError("rid", "must be a string for a single request")
+        return [rid or uuid.uuid4().hex]
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(total)]
+    if isinstance(rid, str):
+        return [f"{rid}_{index}" for index in range(total)]
+    if isinstance(rid, list) and len(rid) == batch_size and all(isinstance(r, str) for r in rid):
+        return [
+            f"{rid[index % batch_size]}_{index // batch_size}" if n > 1 else rid[index]
+            for index in range(total)
+        ]
+    raise ProtocolError("rid", f"must be a string or a list of {batch_size} strings")
+
+
+def parse_generate_request(body: Mapping[str, Any], vocab_size: int) -> tuple[list[GenerateItem], bool]:
+    """The sequences a /generate body asks for, in SGLang's output order, and whether to answer with one dict.
+
+    With n samples of a batch of prompts SGLang repeats the whole batch n times: output k is prompt k % batch.
+    """
+    _reject_unknown(body, GENERATE_REQ_FIELDS, "generate")
+    for name, value in body.items():
+        if (
+            name not in _GENERATE_HONOURED_FIELDS
+            and name not in _GENERATE_METADATA_FIELDS
+            and not _is_unset(value)
+        ):
+            raise ProtocolError(name, f"{value!r} is not supported by the CPU engine")
+    if body.get("stream"):
+        raise ProtocolError("stream", "streaming is not supported by the CPU engine; send stream=false")
+    if body.get("top_logprobs_num"):
+        raise ProtocolError("top_logprobs_num", "top log-probs are not supported by the CPU engine")
+    if body.get("logprob_start_len") not in (None, -1):
+        raise ProtocolError(
+            "logprob_start_len", "the CPU engine returns output-token log-probs only: send -1"
+        )
+    sampling_body = body.get("sampling_params")
+    if isinstance(sampling_body, list):
+        raise ProtocolError("sampling_params", "send one sampling_params dict for the whole batch")
+    sampling, n = parse_engine_sampling(sampling_body)
+    prompts, is_single = _input_batch(body, vocab_size)
+    rids = _expanded_rids(body.get("rid"), len(prompts), n, is_single)
+    items = [
+        GenerateItem(
+            rid=rids[index],
+            input_ids=prompts[index % len(prompts)],
+            sampling=sampling,
+            return_logprob=bool(body.get("return_logprob")),
+            return_text_in_logprobs=bool(body.get("return_text_in_logprobs")),
+        )
+        for index in range(len(prompts) * n)
+    ]
+    return items, is_single and n == 1
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    rid: str
+    abort_all: bool
+
+
+def parse_abort_request(body: Mapping[str, Any]) -> AbortRequest:
+    _reject_unknown(body, ABORT_REQ_FIELDS, "abort_request")
+    rid, abort_all = body.get("rid") or "", bool(body.get("abort_all", False))
+    if not abort_all and not rid:
+        raise ProtocolError("rid", "give the rid to abort, or abort_all=true")
+    return AbortRequest(rid=rid, abort_all=abort_all)
+
+
+@dataclass(frozen=True)
+class UpdateWeightsFromTensor:
+    serialized_named_tensors: list[str]  # one base64 payload per TP rank
+    load_format: str | None
+    abort_all_requests: bool
+    weight_version: str | None  # flush_cache is accepted and not needed: the CPU engine always flushes
+
+
+def parse_update_weights_from_tensor(body: Mapping[str, Any]) -> UpdateWeightsFromTensor:
+    _reject_unknown(body, UPDATE_WEIGHTS_FROM_TENSOR_FIELDS, "update_weights_from_tensor")
+    payloads = body.get("serialized_named_tensors")
+    if not isinstance(payloads, list) or not payloads or not all(isinstance(p, str) for p in payloads):
+        raise ProtocolError(
+            "serialized_named_tensors", "must be a non-empty list of base64 strings, one per TP rank"
+        )
+    return UpdateWeightsFromTensor(
+        serialized_named_tensors=payloads,
+        load_format=body.get("load_format"),
+        abort_all_requests=bool(body.get("abort_all_requests", False)),
+        weight_version=_optional_str(body, "weight_version"),
+    )
+
+
+@dataclass(frozen=True)
+class InitWeightsUpdateGroup:
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str
+    backend: str
+
+
+def parse_init_weights_update_group(body: Mapping[str, Any]) -> InitWeightsUpdateGroup:
+    _reject_unknown(body, INIT_WEIGHTS_UPDATE_GROUP_FIELDS, "init_weights_update_group")
+    try:
+        return InitWeightsUpdateGroup(
+            master_address=str(body["master_address"]),
+            master_port=int(body["master_port"]),
+            rank_offset=int(body["rank_offset"]),
+            world_size=int(body["world_size"]),
+            group_name=str(body.get("group_name") or DEFAULT_GROUP_NAME),
+            backend=str(body.get("backend") or "nccl"),
+        )
+    except KeyError as error:
+        raise ProtocolError(str(error.args[0]), "required field missing") from error
+
+
+def parse_destroy_weights_update_group(body: Mapping[str, Any]) -> str:
+    _reject_unknown(body, DESTROY_WEIGHTS_UPDATE_GROUP_FIELDS, "destroy_weights_update_group")
+    return str(body.get("group_name") or DEFAULT_GROUP_NAME)
+
+
+@dataclass(frozen=True)
+class UpdateWeightsFromDistributed:
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str
+    load_format: str | None
+    abort_all_requests: bool
+    weight_version: str | None
+
+
+def parse_update_weights_from_distributed(body: Mapping[str, Any]) -> UpdateWeightsFromDistributed:
+    _reject_unknown(body, UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS, "update_weights_from_distributed")
+    names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
+        raise ProtocolError("names", "names, dtypes and shapes must be lists")
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ProtocolError("names", f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes")
+    return UpdateWeightsFromDistributed(
+        names=[str(name) for name in names],
+        dtypes=[str(dtype) for dtype in dtypes],
+        shapes=[[int(size) for size in shape] for shape in shapes],
+        group_name=str(body.get("group_name") or DEFAULT_GROUP_NAME),
+        load_format=body.get("load_format"),
+        abort_all_requests=bool(body.get("abort_all_requests", False)),
+        weight_version=_optional_str(body, "weight_version"),
+    )
+
+
+def parse_memory_tags(body: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The tags of a release/resume body; no tags means every tag, as in SGLang."""
+    body = body or {}
+    _reject_unknown(body, MEMORY_OCCUPATION_FIELDS, "memory_occupation")
+    tags = body.get("tags")
+    if tags is None:
+        return MEMORY_TAGS
+    unknown = set(tags) - set(MEMORY_TAGS)
+    if unknown:
+        raise ProtocolError("tags", f"unknown memory tags {sorted(unknown)}; SGLang knows {MEMORY_TAGS}")
+    return tuple(tags)
+
+
+def _optional_str(body: Mapping[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    return None if value is None else str(value)
+
+
+# ---------------------------------------------------------------- server side (CPU engine): responses
+
+
+def generate_output(
+    *,
+    rid: str,
+    output_ids: Sequence[int],
+    logprobs: Sequence[float] | None,
+    token_texts: Sequence[str | None] | None,
+    text: str | None,
+    finish_reason: dict,
+    prompt_tokens: int,
+    cached_tokens: int,
+    weight_version: str,
+    e2e_latency: float,
+) -> dict:
+    """One /generate output as SGLang's tokenizer manager builds it (no "text" when there is no tokenizer)."""
+    meta_info = {
+        "id": rid,
+        "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "weight_version": weight_version,
+        "total_retractions": 0,
+        "completion_tokens": len(output_ids),
+        "cached_tokens": cached_tokens,
+        "e2e_latency": e2e_latency,
+    }
+    if logprobs is not None:
+        texts = token_texts if token_texts is not None else [None] * len(output_ids)
+        meta_info["input_token_logprobs"] = []
+        meta_info["output_token_logprobs"] = [
+            [logprob, token, token_text]
+            for logprob, token, token_text in zip(logprobs, output_ids, texts, strict=True)
+        ]
+    output = {"output_ids": list(output_ids), "meta_info": meta_info}
+    if text is not None:
+        output = {"text": text, **output}
+    return output
+
+
+def success_body(success: bool, message: str) -> dict:
+    return {"success": success, "message": message}
+
+
+def model_info_body(model_path: str, tokenizer_path: str | None, weight_version: str) -> dict:
+    return {
+        "model_path": model_path,
+        "tokenizer_path": tokenizer_path,
+        "is_generation": True,
+        "preferred_sampling_params": None,
+        "weight_version": weight_version,
+    }

@@ -1,0 +1,223 @@
+"""The SGLang client against fake servers (aiohttp test servers): dispatch, retries, failover, aborts."""
+
+import asyncio
+import contextlib
+import itertools
+import time
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from megatron_dapo.rollout import sglang_protocol as protocol
+from megatron_dapo.rollout.engine import EngineRequestError, EngineUnavailableError
+from megatron_dapo.rollout.launcher import free_port
+from megatron_dapo.rollout.sglang_client import RetryPolicy, SGLangClient
+from megatron_dapo.rollout.types import FinishReason, SamplingParams
+
+FAST_RETRY = RetryPolicy(max_retries=3, backoff_s=0.05, max_backoff_s=1.0, connect_timeout_s=2.0)
+PARAMS = SamplingParams(temperature=0.8, max_new_tokens=2, seed=100)
+
+
+class FakeServer:
+    """Answers /generate like SGLang; can hold requests until released or aborted, or fail with a status."""
+
+    def __init__(self, hold: bool = False, failures: int = 0, status: int | None = None):
+        self.hold, self.failures, self.status = hold, failures, status
+        self.arrivals: list[float] = []
+        self.generate_bodies: list[dict] = []
+        self.abort_bodies: list[dict] = []
+        self.released = asyncio.Event()
+        self._aborted: dict[str, asyncio.Event] = {}
+        app = web.Application()
+        app.router.add_post(protocol.GENERATE, self._generate)
+        app.router.add_post(protocol.ABORT_REQUEST, self._abort)
+        self.server = TestServer(app)
+
+    async def __aenter__(self) -> "FakeServer":
+        await self.server.start_server()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.released.set()
+        await self.server.close()
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.arrivals.append(time.monotonic())
+        if self.failures:
+            self.failures -= 1
+            return web.Response(status=503, text="starting")
+        if self.status:
+            return web.Response(status=self.status, text="bad request")
+        self.generate_bodies.append(body)
+        aborted = self._aborted.setdefault(body["rid"], asyncio.Event())
+        if self.hold:
+            waits = [asyncio.ensure_future(self.released.wait()), asyncio.ensure_future(aborted.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
+        tokens = [] if aborted.is_set() else [5, 6]
+        finish = protocol.finish_abort("Aborted") if aborted.is_set() else protocol.finish_length(2)
+        return web.json_response(
+            protocol.generate_output(
+                rid=body["rid"], output_ids=tokens, logprobs=[-0.5] * len(tokens), token_texts=None,
+                text=None, finish_reason=finish, prompt_tokens=len(body["input_ids"]), cached_tokens=0,
+                weight_version="3", e2e_latency=0.0,
+            )
+        )  # fmt: skip
+
+    async def _abort(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.abort_bodies.append(body)
+        if body.get("abort_all"):
+            for event in self._aborted.values():
+                event.set()
+        else:
+            self._aborted.setdefault(body["rid"], asyncio.Event()).set()
+        return web.Response()
+
+
+async def _until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the fake servers"
+        await asyncio.sleep(0.01)
+
+
+def test_least_outstanding_dispatch_keeps_a_requests_samples_together():
+    async def scenario():
+        async with (
+            FakeServer(hold=True) as a,
+            FakeServer(hold=True) as b,
+            FakeServer(hold=True) as c,
+            SGLangClient([a.url, b.url, c.url], retry=FAST_RETRY) as client,
+        ):
+            # Issued back to back, before any reaches its server: dispatch must still spread them.
+            tasks = [asyncio.ensure_future(client.generate([1, 2], PARAMS)) for _ in range(5)]
+            await _until(
+                lambda: len(a.generate_bodies) + len(b.generate_bodies) + len(c.generate_bodies) == 5
+            )
+            assert [len(a.generate_bodies), len(b.generate_bodies), len(c.generate_bodies)] == [2, 2, 1]
+            # All 4 samples of one prompt go to the least loaded server.
+            grouped = asyncio.ensure_future(client.generate([3], PARAMS, n=4, request_id="group"))
+            await _until(lambda: len(c.generate_bodies) == 5)
+            assert [body["rid"] for body in c.generate_bodies[1:]] == [f"group-{i};" for i in range(4)]
+            # Sample i is seeded with seed + i: samples differ, yet the request is reproducible.
+            seeds = [body["sampling_params"]["sampling_seed"] for body in c.generate_bodies[1:]]
+            assert seeds == [100, 101, 102, 103]
+            for server in (a, b, c):
+                server.released.set()
+            completions = await grouped
+            assert [completion.token_ids for completion in completions] == [[5, 6]] * 4
+            assert {completion.weight_version for completion in completions} == {3}
+            assert all(completion.meta["server"] == c.url for completion in completions)
+            await asyncio.gather(*tasks)
+            assert all(count == 0 for count in client._outstanding.values())
+
+    asyncio.run(scenario())
+
+
+def test_retries_back_off_then_succeed():
+    async def scenario():
+        async with FakeServer(failures=2) as server, SGLangClient([server.url], retry=FAST_RETRY) as client:
+            [completion] = await client.generate([1], PARAMS)
+            assert completion.finish_reason is FinishReason.LENGTH
+            gaps = [later - earlier for earlier, later in itertools.pairwise(server.arrivals)]
+            assert len(server.arrivals) == 3
+            assert gaps[0] >= FAST_RETRY.delay_s(0) and gaps[1] >= FAST_RETRY.delay_s(1) == 0.1
+
+    asyncio.run(scenario())
+
+
+def test_error_status_is_not_retried():
+    async def scenario():
+        async with FakeServer(status=400) as server, SGLangClient([server.url], retry=FAST_RETRY) as client:
+            with pytest.raises(EngineRequestError, match="400"):
+                await client.generate([1], PARAMS)
+            assert len(server.arrivals) == 1
+            # Rids must stay prefix-free (SGLang aborts by prefix): ";" ends each one and is refused in ids.
+            with pytest.raises(ValueError, match="reserved"):
+                await client.generate([1], PARAMS, request_id="step-1;")
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_server_is_retried_then_its_samples_move():
+    async def scenario():
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        async with FakeServer() as alive, SGLangClient([dead, alive.url], retry=FAST_RETRY) as client:
+            started = time.monotonic()
+            completions = await client.generate([1], PARAMS, n=2)
+            # The dead server was tried max_retries + 1 times, with backoff, before the samples moved.
+            assert time.monotonic() - started >= sum(FAST_RETRY.delay_s(retry) for retry in range(3))
+            assert [completion.meta["server"] for completion in completions] == [alive.url] * 2
+            assert len(alive.generate_bodies) == 2
+            await client.generate([1], PARAMS)  # now dispatched to the live server directly
+            assert len(alive.generate_bodies) == 3
+            client.mark_available(dead)
+            assert client._pick_server() == dead
+        async with SGLangClient([dead], retry=FAST_RETRY) as client:
+            with pytest.raises(EngineUnavailableError, match="no server is available"):
+                await client.generate([1], PARAMS)
+
+    asyncio.run(scenario())
+
+
+def test_abort_ends_one_request_and_abort_all_every_request():
+    async def scenario():
+        async with (
+            FakeServer(hold=True) as a,
+            FakeServer(hold=True) as b,
+            SGLangClient([a.url, b.url], retry=FAST_RETRY) as client,
+        ):
+            surplus = asyncio.ensure_future(client.generate([1], PARAMS, n=2, request_id="surplus"))
+            kept = asyncio.ensure_future(client.generate([2], PARAMS, request_id="kept"))
+            await _until(lambda: len(a.generate_bodies) == 2 and len(b.generate_bodies) == 1)
+            await client.abort("surplus")
+            assert sorted(body["rid"] for body in a.abort_bodies) == ["surplus-0;", "surplus-1;"]
+            assert not b.abort_bodies  # only the server holding the request hears of it
+            completions = await surplus
+            assert [completion.finish_reason for completion in completions] == [FinishReason.ABORT] * 2
+            assert not kept.done()
+            await client.abort_all()
+            assert b.abort_bodies == [{"abort_all": True}]
+            [completion] = await kept
+            assert completion.finish_reason is FinishReason.ABORT
+            await client.abort("surplus")  # ended already: nothing to do
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_generate_releases_its_samples():
+    async def scenario():
+        async with FakeServer(hold=True) as server, SGLangClient([server.url], retry=FAST_RETRY) as client:
+            task = asyncio.ensure_future(client.generate([1], PARAMS, n=3, request_id="cancelled"))
+            await _until(lambda: len(server.generate_bodies) == 3)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert client._outstanding[server.url] == 0 and "cancelled" not in client._inflight
+
+    asyncio.run(scenario())
+
+
+def test_router_receives_generation_and_workers_receive_aborts():
+    async def scenario():
+        async with FakeServer(hold=True) as router, FakeServer() as worker_a, FakeServer() as worker_b:
+            urls = [worker_a.url, worker_b.url]
+            async with SGLangClient(urls, router_url=router.url, retry=FAST_RETRY) as client:
+                task = asyncio.ensure_future(client.generate([1], PARAMS, request_id="routed"))
+                await _until(lambda: len(router.generate_bodies) == 1)
+                assert not worker_a.generate_bodies and not worker_b.generate_bodies
+                abort = asyncio.ensure_future(client.abort("routed"))
+                await _until(lambda: worker_a.abort_bodies and worker_b.abort_bodies)
+                router.released.set()
+                await asyncio.gather(task, abort)
+                assert worker_a.abort_bodies[0] == {"rid": "routed-0;", "abort_all": False}
+
+    asyncio.run(scenario())
