@@ -1,0 +1,376 @@
+"""Convert Hugging Face checkpoints to Megatron torch_dist checkpoints and back, and reshard to another TP/PP.
+
+    dapo-convert-hf-to-megatron HF_DIR OUT_DIR --tp 8 --pp 4
+    dapo-convert-megatron-to-hf MEGATRON_DIR OUT_DIR
+    dapo-reshard MEGATRON_DIR OUT_DIR --tp 4 --pp 2
+
+All three run in ONE process and move one tensor at a time (checkpoint/torch_dist.py): memory stays near the
+largest tensor (plus one output shard when writing Hugging Face files), whatever the model size. Names and
+layouts come from checkpoint/hf_mapping.py, the mapping weight sync uses too. Output appears atomically: it is
+written next to OUT_DIR and renamed into place once complete.
+"""
+
+import argparse
+import contextlib
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_dapo.checkpoint.hf_dir import (
+    SafetensorsDir,
+    config_dtype,
+    copy_assets,
+    read_config,
+    write_safetensors,
+)
+from megatron_dapo.checkpoint.hf_mapping import (
+    HFMapping,
+    Layout,
+    ModelDims,
+    TensorMap,
+    checkpoint_key,
+    pad_vocab,
+    strip_vocab,
+)
+from megatron_dapo.checkpoint.meta import CheckpointMeta, hf_assets_dir, read_meta, write_meta
+from megatron_dapo.checkpoint.torch_dist import CheckpointReader, Placement, write_checkpoint
+from megatron_dapo.model.build import padded_vocab_size
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' historical default
+
+
+@dataclass(frozen=True)
+class Summary:
+    tensors: int
+    bytes: int
+    seconds: float
+    out_dir: Path
+
+    def __str__(self) -> str:
+        rate = self.bytes / max(self.seconds, 1e-9)
+        return (
+            f"wrote {self.tensors} tensors, {_size(self.bytes)} in {self.seconds:.1f} s ({_size(rate)}/s) "
+            f"to {self.out_dir}"
+        )
+
+
+# ---- the three conversions ----------------------------------------------------------------------------
+
+
+def hf_to_megatron(
+    hf_dir: Path,
+    out_dir: Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Summary:
+    """Hugging Face safetensors -> Megatron torch_dist checkpoint laid out for TP=`tp`, PP=`pp`.
+
+    `dtype` defaults to config.json's dtype, else each tensor's stored dtype.
+    """
+    start = time.perf_counter()
+    hf_dir = Path(hf_dir)
+    config = read_config(hf_dir)
+    mapping = HFMapping(ModelDims.from_hf_config(config))
+    mapping.dims.check_parallel(tp, pp)
+    weights = SafetensorsDir(hf_dir)
+    _check_hf_weights(mapping, weights)
+    dtype = dtype or config_dtype(config)
+    padded = padded_vocab_size(mapping.dims.vocab_size, tp)
+
+    def compute(entry: TensorMap) -> torch.Tensor:
+        hf_tensors = [weights.get(name) for name in entry.hf]
+        return mapping.to_megatron(entry, hf_tensors, padded_vocab_size=padded, dtype=dtype)[0]
+
+    def dtype_of(entry: TensorMap) -> torch.dtype:
+        return dtype or weights.dtype(entry.hf[0])
+
+    with _output_dir(Path(out_dir), overwrite, source=hf_dir) as tmp:
+        tensors, nbytes = _write_megatron(
+            tmp, mapping, tp, padded, compute, dtype_of, f"HF -> Megatron TP={tp} PP={pp}"
+        )
+        stored = dtype_of(mapping.tensors[0])
+        write_meta(tmp, CheckpointMeta(tp, pp, padded, _dtype_name(stored)), hf_dir)
+    return Summary(tensors, nbytes, time.perf_counter() - start, Path(out_dir))
+
+
+def megatron_to_hf(
+    ckpt_dir: Path,
+    out_dir: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Summary:
+    """Megatron torch_dist checkpoint (any TP/PP; converted, or saved by the trainer) -> Hugging Face dir.
+
+    `dtype` defaults to the checkpoint's stored dtype. Writes safetensors shards of at most `max_shard_bytes`
+    (with model.safetensors.index.json when there are several), config.json and the tokenizer files.
+    """
+    start = time.perf_counter()
+    ckpt_dir = Path(ckpt_dir)
+    mapping, reader = _open_megatron(ckpt_dir)
+
+    def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for entry in tqdm(mapping.tensors, desc="Megatron -> HF", unit="tensor", disable=None):
+            yield from mapping.to_hf(entry, [reader.read(checkpoint_key(entry), entry.layer)], dtype=dtype)
+
+    stored = reader.tensor_metadata(checkpoint_key(mapping.tensors[0])).properties.dtype
+    with _output_dir(Path(out_dir), overwrite, source=ckpt_dir) as tmp:
+        tensors, nbytes = write_safetensors(tmp, hf_tensors(), max_shard_bytes, dtype)
+        copy_assets(hf_assets_dir(ckpt_dir), tmp)
+        config = read_config(hf_assets_dir(ckpt_dir))
+        dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+        config[dtype_key] = _dtype_name(dtype or stored)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Summary(tensors, nbytes, time.perf_counter() - start, Path(out_dir))
+
+
+def reshard(
+    ckpt_dir: Path,
+    out_dir: Path,
+    *,
+    tp: int,
+    pp: int,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Summary:
+    """Megatron torch_dist checkpoint -> the same weights laid out for TP=`tp`, PP=`pp` (vocab re-padded)."""
+    start = time.perf_counter()
+    ckpt_dir = Path(ckpt_dir)
+    mapping, reader = _open_megatron(ckpt_dir)
+    mapping.dims.check_parallel(tp, pp)
+    padded = padded_vocab_size(mapping.dims.vocab_size, tp)
+
+    def compute(entry: TensorMap) -> torch.Tensor:
+        tensor = reader.read(checkpoint_key(entry), entry.layer)
+        if entry.layout is Layout.VOCAB:
+            tensor = pad_vocab(strip_vocab(tensor, mapping.dims.vocab_size), padded)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def dtype_of(entry: TensorMap) -> torch.dtype:
+        return dtype or reader.tensor_metadata(checkpoint_key(entry)).properties.dtype
+
+    with _output_dir(Path(out_dir), overwrite, source=ckpt_dir) as tmp:
+        tensors, nbytes = _write_megatron(
+            tmp, mapping, tp, padded, compute, dtype_of, f"reshard to TP={tp} PP={pp}"
+        )
+        stored = dtype_of(mapping.tensors[0])
+        write_meta(tmp, CheckpointMeta(tp, pp, padded, _dtype_name(stored)), hf_assets_dir(ckpt_dir))
+    return Summary(tensors, nbytes, time.perf_counter() - start, Path(out_dir))
+
+
+# ---- pieces -------------------------------------------------------------------------------------------
+
+
+def _placement(mapping: HFMapping, entry: TensorMap, tp: int, padded_vocab: int) -> Placement:
+    """Where megatron-core's GPTModel at TP=`tp` keeps `entry` in a torch_dist checkpoint, chunk by chunk.
+
+    Chunks follow each TP rank's shard: dim 1 for row-parallel layers, dim 0 otherwise; fc1 is two chunks per
+    rank ([gate; up] halves stored as one global [gate; up] tensor), norms a single replicated chunk.
+    """
+    chunks = {Layout.REPLICATED: 1, Layout.GATE_UP: 2 * tp}.get(entry.layout, tp)
+    return Placement(
+        key=checkpoint_key(entry),
+        shape=mapping.megatron_shape(entry, padded_vocab),
+        layer=entry.layer,
+        num_layers=mapping.dims.num_layers,
+        split_dim=1 if entry.layout is Layout.ROW else 0,
+        num_chunks=chunks,
+    )
+
+
+def _write_megatron(
+    out_dir: Path,
+    mapping: HFMapping,
+    tp: int,
+    padded: int,
+    compute: Callable[[TensorMap], torch.Tensor],
+    dtype_of: Callable[[TensorMap], torch.dtype],
+    desc: str,
+) -> tuple[int, int]:
+    """Write every tensor of `mapping` as a torch_dist checkpoint; returns (tensors, bytes)."""
+    entries = {_placement(mapping, entry, tp, padded): entry for entry in mapping.tensors}
+    nbytes = 0
+    with tqdm(total=len(entries), desc=desc, unit="tensor", disable=None) as bar:
+
+        def compute_placement(p: Placement) -> torch.Tensor:
+            nonlocal nbytes
+            tensor = compute(entries[p])
+            nbytes += tensor.numel() * tensor.element_size()
+            bar.update()
+            return tensor
+
+        write_checkpoint(out_dir, list(entries), compute_placement, lambda p: dtype_of(entries[p]))
+    return len(entries), nbytes
+
+
+def _check_hf_weights(mapping: HFMapping, weights: SafetensorsDir) -> None:
+    """Every tensor config.json implies is present with its shape, and nothing else is: before writing."""
+    for name in weights.names:
+        mapping.for_hf(name)  # raises on a tensor the architecture does not have
+    for entry in mapping.tensors:
+        for name, shape in zip(entry.hf, mapping.hf_shapes(entry), strict=True):
+            if name not in weights.file_of:
+                raise ValueError(
+                    f"config/weights mismatch: tensor {name} is missing from {weights.hf_dir} "
+                    f"(model_type={mapping.dims.model_type}, {mapping.dims.num_layers} layers in config.json)"
+                )
+            if weights.shape(name) != shape:
+                raise ValueError(
+                    f"config/weights mismatch: {name} has shape {weights.shape(name)} in the weights, "
+                    f"config.json implies {shape}"
+                )
+
+
+def _open_megatron(ckpt_dir: Path) -> tuple[HFMapping, CheckpointReader]:
+    """The mapping from the checkpoint's own config.json, and a reader; shapes checked against the config."""
+    read_meta(ckpt_dir)
+    mapping = HFMapping(ModelDims.from_hf_config(read_config(hf_assets_dir(ckpt_dir))))
+    reader = CheckpointReader(ckpt_dir)
+    for entry in mapping.tensors:
+        key = checkpoint_key(entry)
+        stored = tuple(reader.tensor_metadata(key).size)
+        expected = mapping.megatron_shape(entry, stored[0] if entry.layout is Layout.VOCAB else None)
+        if entry.layer is not None:
+            expected = (mapping.dims.num_layers, *expected)
+        if stored != expected or (entry.layout is Layout.VOCAB and stored[0] < mapping.dims.vocab_size):
+            raise ValueError(
+                f"config/weights mismatch: checkpoint tensor {key} has shape {stored}, "
+                f"{hf_assets_dir(ckpt_dir) / 'config.json'} implies {expected}"
+            )
+    return mapping, reader
+
+
+@contextlib.contextmanager
+def _output_dir(out_dir: Path, overwrite: bool, source: Path) -> Iterator[Path]:
+    """A fresh directory beside `out_dir` to write into, renamed to `out_dir` once the body succeeds."""
+    out_dir, source = out_dir.resolve(), source.resolve()
+    if out_dir == source or out_dir in source.parents:
+        raise ValueError(f"output directory {out_dir} would overwrite the input {source}: choose another one")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} is not empty: pass --overwrite to replace it")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}: write it like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    return int(number * powers[unit])
+
+
+# ---- command lines ------------------------------------------------------------------------------------
+
+
+def _parser(description: str, source: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("source", metavar=source, type=Path)
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="cast the weights (default: the source checkpoint's dtype)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    return parser
+
+
+def _add_parallel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tp", type=int, default=1, help="tensor parallel size to lay the checkpoint out for"
+    )
+    parser.add_argument(
+        "--pp", type=int, default=1, help="pipeline parallel size to lay the checkpoint out for"
+    )
+
+
+def _run(convert: Callable[[], Summary]) -> None:
+    """Run a conversion; a user error ends the process with its message, not a traceback."""
+    try:
+        summary = convert()
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
+        sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) else error}")
+    print(summary)
+
+
+def hf_to_megatron_main(argv: list[str] | None = None) -> None:
+    parser = _parser("Convert a Hugging Face checkpoint to a Megatron torch_dist checkpoint.", "HF_DIR")
+    _add_parallel(parser)
+    args = parser.parse_args(argv)
+    dtype = DTYPES.get(args.dtype)
+    _run(
+        lambda: hf_to_megatron(
+            args.source, args.out_dir, tp=args.tp, pp=args.pp, dtype=dtype, overwrite=args.overwrite
+        )
+    )
+
+
+def megatron_to_hf_main(argv: list[str] | None = None) -> None:
+    parser = _parser(
+        "Convert a Megatron torch_dist checkpoint (any TP/PP) to Hugging Face safetensors.", "MEGATRON_DIR"
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        help=f"largest safetensors file, e.g. 2GB (default {DEFAULT_MAX_SHARD_BYTES // 10**9}GB); the memory "
+        "used is about this much plus one tensor",
+    )
+    args = parser.parse_args(argv)
+    dtype = DTYPES.get(args.dtype)
+    _run(
+        lambda: megatron_to_hf(
+            args.source,
+            args.out_dir,
+            dtype=dtype,
+            max_shard_bytes=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
+    )
+
+
+def reshard_main(argv: list[str] | None = None) -> None:
+    parser = _parser("Lay a Megatron torch_dist checkpoint out for another TP/PP.", "MEGATRON_DIR")
+    _add_parallel(parser)
+    args = parser.parse_args(argv)
+    dtype = DTYPES.get(args.dtype)
+    _run(
+        lambda: reshard(
+            args.source, args.out_dir, tp=args.tp, pp=args.pp, dtype=dtype, overwrite=args.overwrite
+        )
+    )

@@ -1,0 +1,54 @@
+"""What a Megatron checkpoint directory of this project records beside megatron's own files.
+
+    CKPT_DIR/dapo_checkpoint.json   TP/PP it was saved with, padded vocabulary, dtype
+    CKPT_DIR/hf/                    the Hugging Face config.json, tokenizer and generation config
+
+so that converting back to Hugging Face, resuming training and serving need nothing but the directory.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from megatron_dapo.checkpoint.hf_dir import copy_assets, read_config
+
+META_FILE = "dapo_checkpoint.json"
+HF_ASSETS_DIR = "hf"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    tensor_parallel: int  # TP size the checkpoint was written at (it loads at any TP)
+    pipeline_parallel: int  # PP size likewise
+    padded_vocab_size: int  # rows of the stored embedding / output layer; the true size is in hf/config.json
+    dtype: str  # torch dtype name of the stored model tensors
+
+
+def write_meta(ckpt_dir: Path, meta: CheckpointMeta, hf_dir: Path) -> None:
+    """Record `meta` and copy config.json and the tokenizer files of `hf_dir` into the checkpoint."""
+    read_config(hf_dir)  # fail now, not at conversion back, when config.json is missing
+    copy_assets(hf_dir, Path(ckpt_dir) / HF_ASSETS_DIR)
+    record = {"format_version": FORMAT_VERSION, **asdict(meta)}
+    (Path(ckpt_dir) / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_meta(ckpt_dir: Path) -> CheckpointMeta:
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {ckpt_dir} was not written by megatron-dapo "
+            "(tools/convert_hf_to_megatron.py or the trainer), so its Hugging Face config is unknown"
+        )
+    record = json.loads(path.read_text())
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {record.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
+    record.pop("format_version")
+    return CheckpointMeta(**record)
+
+
+def hf_assets_dir(ckpt_dir: Path) -> Path:
+    """The checkpoint's Hugging Face config and tokenizer directory (loadable with from_pretrained)."""
+    return Path(ckpt_dir) / HF_ASSETS_DIR

@@ -1,0 +1,226 @@
+"""Conversion tools, single process: HF -> Megatron -> HF bit-exactness, resharding, dtypes and user errors.
+
+Loading the converted checkpoints into real GPTModels at several TP/PP, and comparing log-probs with the
+Hugging Face model, is in tests/parallel/test_convert_parallel.py.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from megatron_dapo.checkpoint import convert
+from megatron_dapo.checkpoint.hf_mapping import HFMapping, ModelDims, checkpoint_key
+from megatron_dapo.checkpoint.meta import read_meta
+from megatron_dapo.checkpoint.torch_dist import CheckpointReader
+from megatron_dapo.data.demo_tokenizer import save_demo_tokenizer
+
+CONFIGS = {
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "llama": transformers.LlamaConfig,
+}
+
+
+def save_tiny_hf_model(
+    out_dir: Path,
+    model_type: str,
+    *,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+    shard_size: str = "",
+) -> Path:
+    """A random 4-layer GQA model (4 heads, 2 groups) plus the demo tokenizer, saved by `save_pretrained`."""
+    extra = {"head_dim": 12} if model_type == "qwen3" else {}
+    config = CONFIGS[model_type](
+        vocab_size=110,  # not a multiple of 128: the Megatron side is padded
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        **extra,
+    )
+    torch.manual_seed(hash((model_type, tie)) % 2**31)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # norms start at one: randomise every tensor so that no swap goes unnoticed
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    model.save_pretrained(out_dir, **({"max_shard_size": shard_size} if shard_size else {}))
+    save_demo_tokenizer(out_dir)
+    return out_dir
+
+
+def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def megatron_tensors(ckpt_dir: Path) -> dict[tuple[str, int | None], torch.Tensor]:
+    reader = CheckpointReader(ckpt_dir)
+    mapping = HFMapping(ModelDims.from_hf_config(json.loads((ckpt_dir / "hf" / "config.json").read_text())))
+    return {(checkpoint_key(e), e.layer): reader.read(checkpoint_key(e), e.layer) for e in mapping.tensors}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "tie", "shard_size"),
+    [("qwen2", False, "40KB"), ("qwen3", True, ""), ("llama", False, "")],
+)
+def test_hf_megatron_hf_round_trip_is_bit_exact(tmp_path, model_type, tie, shard_size):
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", model_type, tie=tie, shard_size=shard_size)
+    assert (hf_dir / "model.safetensors.index.json").is_file() == bool(shard_size)
+
+    summary = convert.hf_to_megatron(hf_dir, tmp_path / "megatron", tp=2, pp=2)
+    meta = read_meta(tmp_path / "megatron")
+    assert (meta.tensor_parallel, meta.pipeline_parallel, meta.padded_vocab_size) == (2, 2, 128)
+    assert summary.tensors == len(
+        HFMapping(ModelDims.from_hf_config(json.loads((hf_dir / "config.json").read_text()))).tensors
+    )
+
+    convert.megatron_to_hf(tmp_path / "megatron", tmp_path / "back", max_shard_bytes=30_000)
+    original, back = hf_tensors(hf_dir), hf_tensors(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    assert (tmp_path / "back" / "model.safetensors.index.json").is_file()  # 30 kB shards: several files
+
+    # What a user does next: transformers loads model and tokenizer from the converted directory.
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert model.config.tie_word_embeddings == tie
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert tokenizer.decode(tokenizer.encode("1+2=3")) == "1+2=3"
+
+
+def test_megatron_checkpoint_chunks_follow_tp(tmp_path):
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2")
+    convert.hf_to_megatron(hf_dir, tmp_path / "m", tp=2, pp=2)
+    chunks = {k: md.chunks for k, md in CheckpointReader(tmp_path / "m").metadata.state_dict_metadata.items()}
+    fc1 = sorted(
+        tuple(c.offsets) for c in chunks["decoder.layers.mlp.linear_fc1.weight"] if c.offsets[0] == 1
+    )
+    assert fc1 == [(1, 0, 0), (1, 24, 0), (1, 48, 0), (1, 72, 0)]  # gate_0, gate_1, up_0, up_1 of layer 1
+    proj = sorted(tuple(c.offsets) for c in chunks["decoder.layers.self_attention.linear_proj.weight"])
+    assert proj[:2] == [(0, 0, 0), (0, 0, 16)]  # row parallel: split on the input dim
+    assert [tuple(c.sizes) for c in chunks["embedding.word_embeddings.weight"]] == [(64, 32), (64, 32)]
+    assert len(chunks["decoder.final_layernorm.weight"]) == 1
+
+
+def test_reshard_preserves_every_tensor(tmp_path):
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen3")
+    convert.hf_to_megatron(hf_dir, tmp_path / "tp2pp2", tp=2, pp=2)
+    convert.reshard(tmp_path / "tp2pp2", tmp_path / "tp1pp1", tp=1, pp=1)
+    convert.reshard(tmp_path / "tp1pp1", tmp_path / "tp2pp1", tp=2, pp=1)
+    first = megatron_tensors(tmp_path / "tp2pp2")
+    for name in ("tp1pp1", "tp2pp1"):
+        other = megatron_tensors(tmp_path / name)
+        assert other.keys() == first.keys()
+        for key, tensor in first.items():
+            assert torch.equal(other[key], tensor), (name, key)
+    assert read_meta(tmp_path / "tp2pp1").tensor_parallel == 2
+    assert len(CheckpointReader(tmp_path / "tp1pp1").tensor_metadata("output_layer.weight").chunks) == 1
+
+
+def test_dtypes(tmp_path):
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", "llama", dtype=torch.bfloat16)
+    # Default: config.json's dtype (bfloat16), kept all the way.
+    convert.hf_to_megatron(hf_dir, tmp_path / "m_bf16", tp=1, pp=1)
+    assert read_meta(tmp_path / "m_bf16").dtype == "bfloat16"
+    convert.megatron_to_hf(tmp_path / "m_bf16", tmp_path / "hf_bf16")
+    original = hf_tensors(hf_dir)
+    assert all(torch.equal(original[n], t) for n, t in hf_tensors(tmp_path / "hf_bf16").items())
+    # Up to float32 in Megatron, then down to float16 in Hugging Face; config.json says so.
+    convert.hf_to_megatron(hf_dir, tmp_path / "m_fp32", dtype=torch.float32)
+    reader = CheckpointReader(tmp_path / "m_fp32")
+    assert reader.tensor_metadata("decoder.layers.mlp.linear_fc2.weight").properties.dtype == torch.float32
+    convert.megatron_to_hf(tmp_path / "m_fp32", tmp_path / "hf_fp16", dtype=torch.float16)
+    back = hf_tensors(tmp_path / "hf_fp16")
+    assert all(torch.equal(original[n].to(torch.float16), t) for n, t in back.items())
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf_fp16").dtype == torch.float16
+
+
+def test_command_lines(tmp_path, capsys):
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", tie=True)
+    convert.hf_to_megatron_main(
+        [str(hf_dir), str(tmp_path / "m"), "--tp", "2", "--pp", "2", "--dtype", "bfloat16"]
+    )
+    assert "wrote 30 tensors" in capsys.readouterr().out  # embedding, 4 x 7 per layer, final norm
+    convert.reshard_main([str(tmp_path / "m"), str(tmp_path / "r"), "--tp", "1"])
+    convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back"), "--max-shard-size", "1MB"])
+    assert "to " in capsys.readouterr().out
+    assert (tmp_path / "back" / "model.safetensors").is_file()  # one shard: no index
+    assert read_meta(tmp_path / "r").dtype == "bfloat16"
+
+    # A non-empty output directory is refused, then replaced with --overwrite.
+    with pytest.raises(SystemExit, match="not empty: pass --overwrite"):
+        convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back")])
+    (tmp_path / "back" / "stale.safetensors").write_text("old")
+    convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back"), "--overwrite"])
+    assert not (tmp_path / "back" / "stale.safetensors").exists()
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_parse_size():
+    assert convert.parse_size("5GB") == 5 * 10**9
+    assert convert.parse_size("2GiB") == 2 * 2**30
+    assert convert.parse_size("1.5 mb") == 1_500_000
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot read size"):
+        convert.parse_size("five")
+
+
+def _edit_config(hf_dir: Path, **changes) -> None:
+    """Change config.json; per-layer lists (layer_types) are dropped so that transformers rebuilds them."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("layer_types", None)
+    config.update(changes)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_clear_errors(tmp_path):
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", shard_size="40KB")
+    out = tmp_path / "out"
+
+    def fails(match: str, source: Path = hf_dir, **kwargs) -> None:
+        with pytest.raises((ValueError, KeyError, FileNotFoundError, FileExistsError), match=match):
+            convert.hf_to_megatron(source, out, **kwargs)
+        assert not out.exists() and not list(tmp_path.glob(".*.partial"))  # nothing half-written is left
+
+    fails("tensor parallel size 4 does not divide num_key_value_heads=2", tp=4)
+    fails("pipeline parallel size 3 does not divide num_layers=4", pp=3)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    _edit_config(bad, intermediate_size=64)
+    fails(r"config/weights mismatch: model.layers.0.mlp.gate_proj.weight has shape \(48, 32\)", bad)
+    _edit_config(bad, intermediate_size=48, num_hidden_layers=5)
+    fails("config/weights mismatch: tensor model.layers.4.input_layernorm.weight is missing", bad)
+    _edit_config(bad, num_hidden_layers=3)
+    fails("model.layers.3.* has no Megatron counterpart", bad)
+    _edit_config(bad, num_hidden_layers=4, model_type="mistral", architectures=["MistralForCausalLM"])
+    fails("unknown architecture: config.json has model_type='mistral'", bad)
+    _edit_config(bad, model_type="qwen2", num_attention_heads="four")
+    fails("config.json is invalid", bad)
+    _edit_config(bad, num_attention_heads=4)
+    next(bad.glob("model-00002-*.safetensors")).unlink()
+    fails("missing shard.*model-00002-of-", bad)
+    fails("config.json not found", tmp_path)
+    for inside in (hf_dir, tmp_path):  # --overwrite must never delete the input
+        with pytest.raises(ValueError, match="would overwrite the input"):
+            convert.hf_to_megatron(hf_dir, inside, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="not written by megatron-dapo"):
+        convert.megatron_to_hf(hf_dir, out)
+
+
+def test_megatron_checkpoint_shape_mismatch_is_reported(tmp_path):
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", "llama")
+    convert.hf_to_megatron(hf_dir, tmp_path / "m")
+    _edit_config(tmp_path / "m" / "hf", num_key_value_heads=4)
+    with pytest.raises(ValueError, match=r"linear_qkv.weight has shape \(4, 64, 32\).*implies \(4, 96, 32\)"):
+        convert.megatron_to_hf(tmp_path / "m", tmp_path / "back")

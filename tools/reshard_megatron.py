@@ -1,0 +1,3 @@
+from megatron_dapo.checkpoint.convert import reshard_main
+
+reshard_main()
