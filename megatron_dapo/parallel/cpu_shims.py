@@ -1,0 +1,111 @@
+"""Make stock megatron-core 0.16 run on a CUDA-less machine (gloo, CPU tensors).
+
+megatron-core assumes a GPU in a few dozen places: it asks `torch.cuda.current_device()` for the device of new
+tensors, builds scalars with `device="cuda"`, keeps RNG states through `torch.cuda`, calls
+`torch.cuda.synchronize()`, moves tensors with `.cuda()` and checks dtypes by comparing `tensor.type()` with
+'torch.cuda.FloatTensor'. Every one of those calls fails on a CPU-only torch, so each shim below only
+redirects a call that could not have succeeded; none changes what a GPU machine runs, because
+`apply_cpu_shims()` does nothing when CUDA is available. All shims live here, and nowhere else.
+"""
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_applied = False
+
+# megatron modules that create tensors with a hard-coded device="cuda".
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
+)
+_TENSOR_FACTORIES = ("zeros", "tensor")
+
+
+def apply_cpu_shims() -> None:
+    """Redirect megatron-core's CUDA-only calls to the CPU; idempotent, a no-op when CUDA is available."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    _patch_torch_cuda()
+    _patch_tensor_methods()
+    _patch_rng_tracker()
+    for name in _CUDA_FACTORY_MODULES:
+        module = importlib.import_module(name)
+        module.torch = _CpuTorch()
+    _applied = True
+
+
+def cpu_shims_applied() -> bool:
+    return _applied
+
+
+def _patch_torch_cuda() -> None:
+    # Every megatron call site uses current_device() as a `device=` argument or a `.to()` target.
+    torch.cuda.current_device = lambda: "cpu"
+    # CPU work is synchronous: there is nothing to wait for.
+    torch.cuda.synchronize = lambda device=None: None
+
+
+def _patch_tensor_methods() -> None:
+    # `.cuda()` moves a tensor to "the" device; on a CPU-only machine that device is the CPU.
+    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kwargs: self
+    # megatron checks dtypes as type strings ('torch.cuda.FloatTensor'): report CPU tensors under CUDA names.
+    type_of = torch.Tensor.type
+
+    def cuda_named_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any):
+        if dtype is None and not kwargs:
+            return (
+                type_of(self).replace("torch.", "torch.cuda.", 1)
+                if self.device.type == "cpu"
+                else type_of(self)
+            )
+        return type_of(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named_type
+
+
+def _patch_rng_tracker() -> None:
+    """Keep the tracker's named RNG states as CPU generator states (megatron reads them from torch.cuda)."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
+        new_state
+    )
+
+    def add(self: Any, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    mp_random.CudaRNGStatesTracker.add = add
+    # model_parallel_cuda_manual_seed seeds "the GPU" with the data-parallel seed: here the CPU generator.
+    torch.cuda.manual_seed = torch.manual_seed
+
+
+class _CpuTorch:
+    """`torch` as seen by one megatron module: tensor factories asked for device="cuda" build on the CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in _TENSOR_FACTORIES:
+            return _on_cpu(attr)
+        return attr
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def build(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if str(kwargs.get("device", "cpu")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return build

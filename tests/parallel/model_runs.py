@@ -1,0 +1,170 @@
+"""What each rank runs in the parallel model tests: a split run and the single-process reference.
+
+Everything comes back in Hugging Face names and whole (TP-merged) shapes, so runs at any split compare
+directly with each other and with the reference.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer import OptimizerConfig
+from torch import Tensor
+
+from megatron_dapo.checkpoint.hf_dir import SafetensorsDir, read_config
+from megatron_dapo.checkpoint.hf_mapping import HFMapping, ModelDims, to_global_name
+from megatron_dapo.data.packing import PackedBatch, Sample, pack, plan_microbatches, sequence_pad_multiple
+from megatron_dapo.model.build import build_gpt_model
+from megatron_dapo.model.hf_weights import load_hf_weights
+from megatron_dapo.model.logprobs import logprobs_from_logits
+from megatron_dapo.model.policy import TokenDistribution, unwrap
+from megatron_dapo.model.training import setup_training
+from megatron_dapo.parallel.state import ParallelDims, init_parallel
+from megatron_dapo.trainer.train_step import forward_logprobs, train_step
+
+TEMPERATURE = 0.8
+ENTROPY_COEFF = 0.1
+LR = 1e-2
+CLIP_GRAD = 0.05  # small enough to be active: the clip coefficient depends on the global norm
+# Adam divides by sqrt(v) + eps, i.e. by |g| on the first step: for |g| far below eps the update is linear in
+# g rather than its sign, so float noise in tiny gradients does not flip updates.
+ADAM_EPS = 1e-4
+
+
+def token_weight(sample_ids: Tensor, positions: Tensor) -> Tensor:
+    """A fixed pseudo-advantage per token, from where the token is, so any split sees the same one."""
+    return torch.sin(1.0 + 7.1 * sample_ids.double() + 0.37 * positions.double()).float()
+
+
+class WeightedLogprobObjective:
+    """Loss = sum over response tokens of -(w · log-prob) - c · entropy, per-token mean over the batch."""
+
+    def token_loss(self, batch: PackedBatch, logprobs: Tensor, entropy: Tensor, tokens: slice) -> Tensor:
+        weights = token_weight(_token_sample_ids(batch)[tokens], batch.positions[tokens])
+        per_token = -(weights * logprobs) - ENTROPY_COEFF * entropy
+        return torch.where(batch.loss_mask[tokens], per_token, 0.0).sum()
+
+    def denominator(self, batch: PackedBatch) -> Tensor:
+        return batch.loss_mask.sum()
+
+    def metrics(self, batch: PackedBatch, logprobs: Tensor, entropy: Tensor) -> dict[str, Tensor]:
+        mask = batch.loss_mask
+        return {"entropy_sum": entropy[mask].sum(), "logprob_min_max": (-logprobs[mask]).max()}
+
+
+def _token_sample_ids(batch: PackedBatch) -> Tensor:
+    return torch.tensor(batch.sample_ids, device=batch.tokens.device)[batch.sample_of_token]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    hf_dir: Path
+    samples: list[Sample]
+    tokens_per_microbatch: int
+    chunk_tokens: int | None  # memory-bounded path for the training step
+    distributed_optimizer: bool = False  # also step with megatron's DistributedOptimizer
+    params_dtype: torch.dtype = torch.float32
+
+
+def split_run(spec: RunSpec, dims: ParallelDims) -> dict:
+    """Log-probs (plain and memory-bounded), gradients, and parameters after SGD and AdamW steps."""
+    pg = init_parallel(dims)
+    config = read_config(spec.hf_dir)
+    model = _loaded_model(spec, config, dims, pg)
+    dp_size, dp_rank = pg.dp.size(), pg.dp.rank()
+    pad = sequence_pad_multiple(dims.cp)
+    plan = plan_microbatches(
+        [len(s.token_ids) for s in spec.samples],
+        dp_size=dp_size,
+        tokens_per_microbatch=spec.tokens_per_microbatch,
+        cp=dims.cp,
+        pad_multiple=pad,
+    )
+    batches = [pack(spec.samples, ids, pad) for ids in plan[dp_rank]]
+    my_samples = [i for ids in plan[dp_rank] for i in ids]
+    result = {"microbatches": len(batches)}
+    for name, chunk in (("plain", None), ("chunked", 7)):
+        distribution = TokenDistribution(config["vocab_size"], TEMPERATURE, chunk)
+        pairs = forward_logprobs(model, batches, distribution, pg)
+        result[f"logprobs_{name}"] = dict(zip(my_samples, pairs, strict=True))
+
+    distribution = TokenDistribution(config["vocab_size"], TEMPERATURE, spec.chunk_tokens)
+    for optimizer in ("sgd", "adam", "adam-distributed")[: 3 if spec.distributed_optimizer else 2]:
+        model = _loaded_model(spec, config, dims, pg)  # DDP hooks a model once: a fresh one per run
+        optimizer_config = OptimizerConfig(
+            optimizer=optimizer.removesuffix("-distributed"),
+            use_distributed_optimizer=optimizer.endswith("-distributed"),
+            lr=LR,
+            weight_decay=0.0,
+            sgd_momentum=0.0,
+            adam_eps=ADAM_EPS,
+            clip_grad=CLIP_GRAD,
+        )
+        ddp, opt = setup_training(model, optimizer_config, pg)
+        step = train_step(ddp, opt, batches, WeightedLogprobObjective(), distribution, pg)
+        result[f"{optimizer}_step"] = step
+        result[f"{optimizer}_params"] = hf_state(ddp, config, pg, lambda p: p.detach())
+        if optimizer == "sgd":
+            result["grads"] = hf_state(ddp, config, pg, lambda p: p.main_grad)
+    return result
+
+
+def reference_run(spec: RunSpec) -> dict:
+    """The same quantities computed directly in one process: no schedule, no DDP, no micro-batches."""
+    pg = init_parallel(ParallelDims())
+    config = read_config(spec.hf_dir)
+    model = _loaded_model(spec, config, ParallelDims(), pg)
+    batch = pack(spec.samples, list(range(len(spec.samples)))).to(next(model.parameters()).device)
+    logits = model(
+        batch.tokens[None], batch.positions[None], None, packed_seq_params=batch.packed_seq_params()
+    )
+    logprobs, entropy = logprobs_from_logits(
+        logits[0], batch.labels, temperature=TEMPERATURE, vocab_size=config["vocab_size"]
+    )
+    responses = zip(
+        batch.gather_response(logprobs.detach().cpu()),
+        batch.gather_response(entropy.detach().cpu()),
+        strict=True,
+    )
+    result = {"logprobs": dict(enumerate(responses))}
+    objective = WeightedLogprobObjective()
+    loss = objective.token_loss(batch, logprobs, entropy, slice(None)) / objective.denominator(batch)
+    loss.backward()
+    grads = hf_state(model, config, pg, lambda p: p.grad)
+    params = hf_state(model, config, pg, lambda p: p.detach())
+    result["grads"] = grads
+    result["loss"] = loss.item()
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+    scale = min(1.0, CLIP_GRAD / (norm + 1e-6))
+    result["grad_norm"] = norm
+    result["sgd_params"] = {k: params[k] - LR * scale * grads[k] for k in params}
+    adam_params = {k: v.clone().requires_grad_() for k, v in params.items()}
+    adam = torch.optim.AdamW(list(adam_params.values()), lr=LR, eps=ADAM_EPS, weight_decay=0.0)
+    for key, value in adam_params.items():
+        value.grad = scale * grads[key]
+    adam.step()
+    result["adam_params"] = {k: v.detach() for k, v in adam_params.items()}
+    return result
+
+
+def _loaded_model(spec: RunSpec, config: dict, dims: ParallelDims, pg) -> torch.nn.Module:
+    model = build_gpt_model(config, dims, pg, params_dtype=spec.params_dtype)
+    load_hf_weights(model, config, SafetensorsDir(spec.hf_dir).get, pg)
+    return model
+
+
+def hf_state(model: torch.nn.Module, config: dict, pg, tensor_of) -> dict[str, Tensor]:
+    """`tensor_of(param)` for this rank's parameters, TP shards merged, under Hugging Face names."""
+    dims = ModelDims.from_hf_config(config)
+    mapping = HFMapping(dims)
+    tp = pg.tp
+    state = {}
+    for name, param in unwrap(model).named_parameters():
+        entry = mapping.get(to_global_name(name, dims.num_layers, pg.pp.size(), pg.pp.rank()))
+        local = tensor_of(param).detach().contiguous()
+        shards = [torch.empty_like(local) for _ in range(tp.size())]
+        dist.all_gather(shards, local, group=tp)
+        state.update((key, value.cpu()) for key, value in mapping.to_hf(entry, shards))
+    return state

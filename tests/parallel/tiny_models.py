@@ -1,0 +1,103 @@
+"""Tiny random Hugging Face checkpoints and packed batches for the model tests (single- and multi-process)."""
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_dapo.data.packing import Sample
+from megatron_dapo.parallel.state import ParallelDims, destroy_parallel, init_parallel
+
+VOCAB_SIZE = 97  # odd: the Megatron vocabulary is always padded
+CONFIGS = {
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "llama": transformers.LlamaConfig,
+}
+
+
+def tiny_config(
+    model_type: str, *, tie: bool = False, layers: int = 2, **extra
+) -> transformers.PretrainedConfig:
+    """Two query heads per KV head (GQA), and for Qwen3 a head_dim apart from hidden_size / heads."""
+    if model_type == "qwen3":
+        extra.setdefault("head_dim", 12)
+    return CONFIGS[model_type](
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        **extra,
+    )
+
+
+def tiny_hf_model(config: transformers.PretrainedConfig, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random fp32 model with every tensor random, norms and biases included (so none can be mixed up)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.3 * torch.randn_like(param))
+            else:
+                param.copy_(0.15 * torch.randn_like(param))
+    return model.eval()
+
+
+def save_tiny_checkpoint(model: transformers.PreTrainedModel, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def random_samples(count: int, seed: int, *, min_len: int = 5, max_len: int = 40) -> list[Sample]:
+    """Sequences of unequal lengths, each with a prompt of at least one token and a response."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(count):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
+        tokens = torch.randint(0, VOCAB_SIZE, (length,), generator=generator).tolist()
+        start = int(torch.randint(1, length, (1,), generator=generator))
+        samples.append(Sample(tokens, start))
+    return samples
+
+
+def hf_response_logprobs(
+    model: transformers.PreTrainedModel, sample: Sample, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs and entropy of the sample's response tokens under the HF model (fp32)."""
+    ids = torch.tensor(sample.token_ids)[None]
+    logits = model(input_ids=ids).logits[0].float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    start = sample.response_start
+    tokens = ids[0, start:]
+    chosen = logp[start - 1 : -1].gather(1, tokens[:, None]).squeeze(1)
+    entropy = -(logp.exp() * logp).sum(-1)[start - 1 : -1]
+    return chosen, entropy
+
+
+@contextlib.contextmanager
+def single_process_groups() -> Iterator[ProcessGroupCollection]:
+    """A one-process gloo world with megatron's parallel state, inside the test process (no spawn)."""
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    try:
+        yield init_parallel(ParallelDims())
+    finally:
+        destroy_parallel()
