@@ -62,7 +62,7 @@ class ModelConfig:
     load: str = ""  # Megatron checkpoint to start from (tools/convert_hf_to_megatron.py); overrides weights
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     recompute_activations: bool = False  # full activation recompute: long sequences at ~1.3x compute
-    logprob_chunk_tokens: int = 4096  # memory-bounded log-probs, this many tokens per chunk; 0: plain path
+    logprob_chunk_tokens: int = 1024  # memory-bounded log-probs, this many tokens per chunk; 0: plain path
 
 
 @dataclass
@@ -86,12 +86,13 @@ class RolloutConfig:
     mem_fraction: float = 0.7  # SGLang --mem-fraction-static
     colocate: bool = True  # servers share GPUs with training (release memory while training)
     host: str = "127.0.0.1"
-    base_port: int = 30000
+    base_port: int = 30000  # launched servers listen on base_port + i; 0: on free ports
     max_response_tokens: int = 20480  # L_max: generation stops here (the sample is then truncated)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1: off
     max_inflight_prompts: int = 0  # prompts in flight at once; 0: prompts_per_step x 2
+    max_running_requests: int = 0  # sequences each server decodes at once; 0: the engine's default
     weight_sync_bucket_mb: int = 512  # weights travel to the engine in buckets of about this size
     request_timeout_s: float = 3600.0
 
@@ -119,6 +120,11 @@ class TrainConfig:
     tokens_per_microbatch: int = 32768  # per-rank token budget of one packed micro-batch
     steps: int = 1000  # rollout steps
     seed: int = 1234
+    # Reproducible rollouts: finished groups are taken in submission order, and the surplus in flight when the
+    # batch fills is awaited (and carried over) rather than aborted, so a rerun or a resumed run samples the
+    # same batches. Slower; pair with rollout.max_running_requests=1 on the CPU engine, whose float rounding
+    # otherwise depends on which requests share a batch.
+    deterministic: bool = False
 
 
 @dataclass
@@ -367,8 +373,11 @@ def validate(cfg: DapoConfig) -> None:
     _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _require(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
     _require(r.num_servers >= 1, "rollout.num_servers", "must be at least 1")
+    _require(0 <= r.base_port < 65536, "rollout.base_port", "must be a port number, or 0 for free ports")
     _require(0 < r.mem_fraction < 1, "rollout.mem_fraction", "must be in (0, 1)")
     _require(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be at least 1")
+    _require(r.max_inflight_prompts >= 0, "rollout.max_inflight_prompts", "must be >= 0")
+    _require(r.max_running_requests >= 0, "rollout.max_running_requests", "must be >= 0 (0: engine default)")
     _require(t.prompts_per_step >= 1, "train.prompts_per_step", "must be at least 1")
     samples_per_step = t.prompts_per_step * a.samples_per_prompt
     _require(
@@ -377,6 +386,14 @@ def validate(cfg: DapoConfig) -> None:
         f"must divide prompts_per_step x samples_per_prompt = {samples_per_step}",
     )
     _require(t.tokens_per_microbatch >= 1, "train.tokens_per_microbatch", "must be at least 1")
+    longest_sample = cfg.data.max_prompt_tokens + r.max_response_tokens  # tokens, before the CP split
+    _require(
+        t.tokens_per_microbatch * p.context >= longest_sample,
+        "train.tokens_per_microbatch",
+        f"must hold the longest sample (data.max_prompt_tokens + rollout.max_response_tokens = "
+        f"{longest_sample} tokens) split over parallel.context={p.context}: raise it to at least "
+        f"{-(-longest_sample // p.context)}, raise parallel.context, or lower those limits",
+    )
     _require(o.lr > 0, "optimizer.lr", "must be > 0")
     _require(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _require(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")

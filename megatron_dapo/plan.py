@@ -609,14 +609,6 @@ def _layout_problems(cfg: DapoConfig, shape: ModelShape, cluster: Cluster, layou
         problems.append(
             Problem(f"parallel.pipeline={layout.pp} does not divide num_hidden_layers={shape.num_layers}")
         )
-    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
-    if cfg.train.tokens_per_microbatch < longest:
-        problems.append(
-            Problem(
-                f"train.tokens_per_microbatch={cfg.train.tokens_per_microbatch} cannot hold the longest "
-                f"sample (data.max_prompt_tokens + rollout.max_response_tokens = {longest})"
-            )
-        )
     if cfg.rollout.backend == "sglang":
         server_tp = cfg.rollout.server_tp
         if cluster.gpus_per_node % server_tp or shape.num_attention_heads % server_tp:

@@ -67,6 +67,7 @@ def test_presets_add_one_technique_per_row():
         ("bogus.field=1", "unknown key bogus"),
         ("algorithm.dual_clip=0.5", "algorithm.dual_clip: must be > 1"),
         ("parallel.sequence_parallel=true", "parallel.sequence_parallel: needs parallel.tensor > 1"),
+        ("train.tokens_per_microbatch=16384", "train.tokens_per_microbatch: must hold the longest sample"),
     ],
 )
 def test_bad_values_name_the_key_and_fix(override, message):
