@@ -10,12 +10,12 @@ What the memory figures rest on:
   master weights (unless the model is fp32) and Adam's two fp32 moments, sharded over DP × CP by Megatron's
   distributed optimizer. The vocabulary is padded to a multiple of lcm(128, TP), as model/build.py does.
 - Activations: the tensors each decoder layer keeps for backward (`saved_per_token`) for one packed
-  micro-batch of `train.tokens_per_microbatch` tokens split over CP (and over TP where sequence parallelism
-  shards them). 1F1B keeps `pp - stage` micro-batches in flight on a stage. Full recompute keeps each
-  layer's input and rebuilds one layer at a time in backward. Two kernel sets: "te" (GPU: Transformer
-  Engine's fused norm+linear and flash attention, which keeps no [s × s] scores) and "local" (CPU:
-  megatron's local spec, unfused RMSNorm, math attention that keeps the [heads, s, s] probabilities;
-  measured in fp32, the CPU path's dtype).
+  micro-batch of `train.tokens_per_microbatch` tokens per GPU, after the CP split (and split over TP
+  where sequence parallelism shards them). 1F1B keeps `pp - stage` micro-batches in flight on a stage.
+  Full recompute keeps each layer's input and rebuilds one layer at a time in backward. Two kernel sets:
+  "te" (GPU: Transformer Engine's fused norm+linear and flash attention, which keeps no [s × s] scores)
+  and "local" (CPU: megatron's local spec, unfused RMSNorm, math attention that keeps the [heads, s, s]
+  probabilities; measured in fp32, the CPU path's dtype).
 - Log-prob buffers (model/logprobs.py): the plain path holds the [T, V/tp] logits plus two fp32 [T, V/tp]
   buffers; the chunked path the same for `model.logprob_chunk_tokens` rows, plus [T, H] and [V/tp, H]
   gradients.
@@ -538,9 +538,9 @@ def _stage_memory(
     grad_bytes = 4 if assume.grad_fp32 else dtype_bytes
     optimizer_bytes = 8 + (0 if dtype_bytes == 4 else 4)  # Adam moments (+ fp32 master weights)
     optimizer_shards = layout.dp * layout.cp if assume.distributed_optimizer else 1
-    tokens = cfg.train.tokens_per_microbatch // layout.cp
+    tokens = cfg.train.tokens_per_microbatch  # per GPU, after the CP split (data/packing.py)
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
-    seq_tokens = min(cfg.train.tokens_per_microbatch, longest)
+    seq_tokens = min(tokens * layout.cp, longest)
     recompute, chunk = cfg.model.recompute_activations, cfg.model.logprob_chunk_tokens
     names = {0: "first", layout.pp - 1: "last"} if layout.pp > 1 else {0: "only"}
     activation = functools.partial(
@@ -561,7 +561,7 @@ def _stage_memory(
             )
             if last
             else 0.0
-            for chunk_tokens in (chunk, 0 if chunk else 4096)
+            for chunk_tokens in (chunk, 0 if chunk else 1024)
         }
         stages.append(
             StageMemory(
@@ -629,7 +629,7 @@ def _layout_warnings(cfg: DapoConfig, cluster: Cluster, layout: Layout, assume: 
     if layout.tp > cluster.gpus_per_node:
         warnings.append(f"TP {layout.tp} spans nodes: tensor-parallel all-reduces then cross the network")
     mean_tokens = _mean_sequence_tokens(cfg, assume) * cfg.train.samples_per_minibatch
-    microbatches = mean_tokens / max(layout.dp, 1) / cfg.train.tokens_per_microbatch
+    microbatches = mean_tokens / max(layout.dp, 1) / (cfg.train.tokens_per_microbatch * layout.cp)
     if layout.pp > 1 and microbatches < layout.pp:
         warnings.append(
             f"about {microbatches:.1f} micro-batches per mini-batch per DP rank for PP {layout.pp}: "
@@ -682,8 +682,8 @@ def candidate_fixes(cfg: DapoConfig, shape: ModelShape, cluster: Cluster) -> lis
     if p.tensor > 1 and not p.sequence_parallel:
         fixes.append("parallel.sequence_parallel=true")
     if m.logprob_chunk_tokens == 0:
-        fixes.append("model.logprob_chunk_tokens=4096")
-    fitted_tokens = _round_up(cfg.data.max_prompt_tokens + r.max_response_tokens, 1024)
+        fixes.append("model.logprob_chunk_tokens=1024")
+    fitted_tokens = _round_up(-(-(cfg.data.max_prompt_tokens + r.max_response_tokens) // p.context), 1024)
     if fitted_tokens != t.tokens_per_microbatch:
         fixes.append(f"train.tokens_per_microbatch={fitted_tokens}")
     tp_sizes = _divisors(math.gcd(shape.num_query_groups, shape.num_attention_heads, shape.ffn_hidden_size))
@@ -801,7 +801,7 @@ def _memory_table(plan: Plan) -> list[str]:
         (f"activations, recompute {recompute}", "activation_bytes"),
         (f"  (recompute {other_recompute} would be)", "activations_other"),
         (f"log-probs, {f'chunks of {chunk}' if chunk else 'plain path'}", "logprob_bytes"),
-        (f"  ({'plain path' if chunk else 'chunks of 4096'} would be)", "logprobs_other"),
+        (f"  ({'plain path' if chunk else 'chunks of 1024'} would be)", "logprobs_other"),
         ("reserve", "reserved_bytes"),
         ("total", "total_bytes"),
     ]

@@ -1,0 +1,214 @@
+"""Weight sync at TP=1/PP=1, in one process: the engine side is the CPU engine's own payload decoding and
+weight loading (weight_payload + ModelRunner), without its HTTP server (tests/parallel drives the real one).
+"""
+
+import asyncio
+from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+from torch.multiprocessing import reductions
+
+from megatron_dapo.checkpoint.hf_mapping import HFMapping, ModelDims
+from megatron_dapo.data.packing import pack
+from megatron_dapo.model.build import build_gpt_model
+from megatron_dapo.model.hf_weights import load_hf_weights
+from megatron_dapo.model.policy import TokenDistribution
+from megatron_dapo.parallel.state import ParallelDims
+from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
+from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
+from megatron_dapo.rollout.weight_payload import deserialize_named_tensors, serialize_named_tensors
+from megatron_dapo.rollout.weight_sync import (
+    BackgroundLoop,
+    BroadcastTransport,
+    StageReport,
+    SyncReport,
+    TensorTransport,
+    _cuda_devices_as_uuids,
+    buckets,
+    sync_weights,
+)
+from megatron_dapo.trainer.train_step import forward_logprobs
+from tests.parallel.tiny_models import (
+    hf_response_logprobs,
+    random_samples,
+    save_tiny_checkpoint,
+    single_process_groups,
+    tiny_config,
+    tiny_hf_model,
+)
+
+LOGPROB_TOLERANCE = 1e-4  # fp32 engine against the fp32 Megatron and Hugging Face models
+
+
+@dataclass(frozen=True)
+class Call:
+    names: list[str]
+    payloads: int
+    weight_version: int
+    load_format: str | None
+    flush_cache: bool
+
+
+class InProcessEngine:
+    """The weight-loading half of the CPU engine, called like the engine client."""
+
+    def __init__(self, model_dir):
+        self.runner = ModelRunner(str(model_dir), torch.float32, context_length=None)
+        self.calls: list[Call] = []
+
+    async def update_weights_from_tensor(
+        self, serialized_named_tensors, *, weight_version, load_format=None, flush_cache=True, url=None
+    ):
+        named = deserialize_named_tensors(serialized_named_tensors[0], load_format)
+        self.runner.load_weights(named)
+        call = Call(
+            [n for n, _ in named], len(serialized_named_tensors), weight_version, load_format, flush_cache
+        )
+        self.calls.append(call)
+
+
+@pytest.fixture(scope="module")
+def groups():
+    with single_process_groups() as pg:
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def engine_loop():
+    with BackgroundLoop() as loop:
+        yield loop
+
+
+CASES = {
+    # model, load format, bucket bytes, engine TP size, dtype of the sync
+    "qwen2-per-tensor": ("qwen2", None, 4096, 1, torch.float32),
+    "qwen3-tied-flattened": ("qwen3-tied", FLATTENED_BUCKET, 16384, 2, torch.float32),
+    "llama-flattened-bf16": ("llama", FLATTENED_BUCKET, 8192, 1, torch.bfloat16),
+}
+CONFIGS = {
+    "qwen2": tiny_config("qwen2"),
+    "qwen3-tied": tiny_config("qwen3", tie=True),
+    "llama": tiny_config("llama"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_gets_the_megatron_weights(groups, engine_loop, tmp_path, case):
+    model_type, load_format, bucket_bytes, engine_tp, dtype = CASES[case]
+    config = CONFIGS[model_type]
+    engine = InProcessEngine(save_tiny_checkpoint(tiny_hf_model(config, seed=0), tmp_path / "start"))
+    trained = tiny_hf_model(config, seed=1)  # what the policy has become: every tensor differs
+    model = build_gpt_model(config, ParallelDims(), groups)
+    load_hf_weights(model, config, trained.state_dict().__getitem__, groups)
+
+    report = sync_weights(
+        model,
+        config,
+        groups,
+        TensorTransport(engine_tp_size=engine_tp, load_format=load_format),
+        engine,
+        engine_loop.loop,
+        weight_version=7,
+        dtype=dtype,
+        bucket_bytes=bucket_bytes,
+    )
+
+    # Every Hugging Face tensor arrived exactly once, in the sync's dtype, in several buckets.
+    sent = [name for call in engine.calls for name in call.names]
+    expected = {name for entry in HFMapping(ModelDims.from_hf_config(config)).tensors for name in entry.hf}
+    assert sorted(sent) == sorted(expected)
+    engine_state = engine.runner.model.state_dict()
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(engine_state[name], tensor.to(dtype).float()), name
+    assert len(engine.calls) == report.buckets > 2
+    assert [call.flush_cache for call in engine.calls] == [False] * (len(engine.calls) - 1) + [True]
+    assert {(call.weight_version, call.payloads, call.load_format) for call in engine.calls} == {
+        (7, engine_tp, load_format)
+    }
+    assert report.tensors == len(sent) and len(report.stages) == 1
+    assert report.bytes == sum(trained.state_dict()[name].numel() for name in expected) * dtype.itemsize
+
+    if dtype == torch.float32:  # log-probs: the engine's model, the Megatron model and the reference agree
+        samples = random_samples(3, seed=5)
+        megatron = forward_logprobs(
+            model, [pack(samples, [0, 1, 2])], TokenDistribution(config.vocab_size), groups
+        )
+        for sample, (megatron_logprobs, _) in zip(samples, megatron, strict=True):
+            want, _ = hf_response_logprobs(trained, sample)
+            with torch.no_grad():
+                got, _ = hf_response_logprobs(engine.runner.model, sample)
+            torch.testing.assert_close(got, want, atol=LOGPROB_TOLERANCE, rtol=0)
+            torch.testing.assert_close(megatron_logprobs, want, atol=LOGPROB_TOLERANCE, rtol=0)
+
+
+def test_buckets_hold_at_most_the_size_and_a_large_tensor_alone():
+    sizes = [3, 3, 3, 10, 1, 1, 5]  # float32 elements
+    named = [(f"t{i}", torch.zeros(n)) for i, n in enumerate(sizes)]
+    got = [([name for name, _ in bucket], last) for bucket, last in buckets(named, bucket_bytes=6 * 4)]
+    assert got == [
+        (["t0", "t1"], False),
+        (["t2"], False),
+        (["t3"], False),  # 40 bytes: larger than a bucket, sent alone
+        (["t4", "t5"], False),
+        (["t6"], True),
+    ]
+    assert list(buckets([], bucket_bytes=8)) == []
+
+
+def test_report_metrics():
+    report = SyncReport(
+        weight_version=3,
+        stages=(
+            StageReport(0, 10, 2_000_000_000, 4, 2.0, 1.5),
+            StageReport(1, 5, 1_000_000_000, 2, 1.0, 0.5),
+        ),
+        seconds=4.0,
+    )
+    assert (report.bytes, report.buckets, report.tensors) == (3_000_000_000, 6, 15)
+    metrics = report.metrics()
+    assert metrics["weight_sync/gigabytes_per_second"] == pytest.approx(0.75)
+    assert metrics["weight_sync/stage1_engine_seconds"] == 0.5
+    assert metrics["weight_sync/buckets"] == 6.0
+
+
+def test_bad_arguments_are_named(groups, engine_loop, tmp_path):
+    config = CONFIGS["qwen2"]
+    model = build_gpt_model(config, ParallelDims(), groups)
+    transport = TensorTransport()
+    common = {"weight_version": 1, "dtype": torch.float32}
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        sync_weights(model, config, groups, transport, None, engine_loop.loop, bucket_bytes=0, **common)
+    with pytest.raises(ValueError, match="is_sender"):
+        sync_weights(model, config, groups, transport, None, engine_loop.loop, **common)
+    with pytest.raises(ValueError, match="load_format"):
+        TensorTransport(load_format="safetensors")
+    with pytest.raises(ValueError, match="engine_tp_size"):
+        TensorTransport(engine_tp_size=0)
+    with pytest.raises(ValueError, match="server_urls"):
+        BroadcastTransport("http://127.0.0.1:30000")
+
+    engine = InProcessEngine(save_tiny_checkpoint(tiny_hf_model(config), tmp_path / "engine"))
+
+    async def from_the_loop_thread():
+        sync_weights(model, config, groups, transport, engine, asyncio.get_running_loop(), **common)
+
+    with pytest.raises(RuntimeError, match="another thread"):
+        asyncio.run(from_the_loop_thread())
+    stopped = asyncio.new_event_loop()
+    with pytest.raises(RuntimeError, match="not running"):
+        sync_weights(model, config, groups, transport, engine, stopped, **common)
+    stopped.close()
+    assert engine.calls == []
+
+
+def test_uuid_pickling_leaves_cpu_tensors_and_the_registry_alone():
+    before = dict(ForkingPickler._extra_reducers)
+    named = [("a", torch.randn(3, 4)), ("b", torch.arange(5))]
+    with _cuda_devices_as_uuids():
+        assert ForkingPickler._extra_reducers[torch.Tensor] is not reductions.reduce_tensor
+        payload = serialize_named_tensors(named)
+    assert ForkingPickler._extra_reducers == before
+    for (name, tensor), (got_name, got) in zip(named, deserialize_named_tensors(payload, None), strict=True):
+        assert name == got_name and torch.equal(tensor, got)
