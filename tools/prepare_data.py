@@ -1,0 +1,3 @@
+from megatron_dapo.data.prepare import main
+
+main()
