@@ -1,21 +1,39 @@
 """Weight sync: the policy's Megatron TP/PP shards to the rollout engine, in Hugging Face layout, in buckets.
 
-Every training rank calls `sync_weights` after each optimizer step: it is a collective. One model replica (the
-ranks of data- and context-parallel rank 0) does the work, stage by stage, first to last. The TP ranks of the
-stage all-gather each parameter in turn (so memory holds one parameter, not the model), map it to Hugging Face
-names and layouts with checkpoint/hf_mapping, cast it to the engine's dtype and pack the tensors into buckets
-of about `bucket_bytes`; the stage's sender (its TP rank 0) hands each bucket to the engine and waits for the
-answer before building the next. Each Hugging Face tensor is sent once, by the one stage that holds it: the
-final norm by the last stage, the embedding by the first; with tied embeddings the last stage's output layer
-is the embedding's copy and is skipped.
+Every training rank calls `sync_weights` after each optimizer step: it is a collective. The TP ranks of a
+stage all-gather each parameter in turn (so memory holds one parameter, not the model), map it to Hugging
+Face names and layouts with checkpoint/hf_mapping, cast it to the engine's dtype and pack the tensors into
+buckets of about `bucket_bytes`; a bucket goes to the engine, which answers before the next one is built.
+Each Hugging Face tensor is sent once per server, by the one stage that holds it: the final norm by the last
+stage, the embedding by the first; with tied embeddings the last stage's output layer is the embedding's copy
+and is skipped. Stages go in turn, first to last, and the cache is flushed with the last bucket.
 
-Two transports, as SGLang defines them:
+Transports, as SGLang defines them:
 - `TensorTransport`, /update_weights_from_tensor: the payload carries handles to shared memory, not bytes
-  (rollout/weight_payload.py). CPU tensors go through /dev/shm files (the CPU engine); CUDA tensors through
-  CUDA IPC handles, for SGLang servers sharing the GPUs of the training job ("colocated").
+  (rollout/weight_payload.py): /dev/shm files for CPU tensors (the CPU engine), CUDA IPC handles for servers
+  sharing the training job's GPUs ("colocated"). Such handles open only on the node that made them.
+  - One node (no `colocation`): one replica (the ranks of data- and context-parallel rank 0) does the work;
+    each stage's sender (its TP rank 0) hands every server, for every TP rank, a handle to its own copy.
+  - Several nodes (`colocation` says which training rank runs on each server GPU): every rank builds every
+    stage's tensors on its own GPU, and each server's TP rank j gets a handle to the copy on its own GPU,
+    made by the training rank there. A node holds the stages of its own ranks; the others cross the network
+    as shards: stage s's ranks broadcast each shard over their PP groups, then every TP group gathers it
+    (slime's scheme). Every DP replica does this at once, each within its own PP groups. With the 32B recipe
+    (16 nodes of 8 GPUs, TP 8 = one node, PP 2) a node receives the stage it lacks, half the model, spread
+    over its 8 ranks and their NICs, and gathers over NVLink: the least any scheme can move, as a node must
+    receive what it does not hold. Broadcasting gathered tensors over PP instead would move TP (8) times the
+    bytes. The ranks on a server's GPUs then gather their payloads to the rank on its first GPU, which posts
+    the list (one payload per TP rank) to that server, and tells them when they may free their copies. Each
+    rank holds one bucket at a time, as a sender does on one node. A job finds its colocation with
+    `Colocation.discover(servers_from_urls(urls, ...))`: node names and GPUs, as launch/common.sh places
+    one server per rollout.server_tp GPUs of each node.
 - `BroadcastTransport`, /init_weights_update_group + /update_weights_from_distributed: each stage's sender
   joins a process group with every GPU of every server (NCCL; gloo on CPU) and broadcasts the buckets, for
   servers on GPUs of their own.
+
+Failures: an engine that refuses a bucket fails the sync on every rank, never hangs the others. The rank
+that saw the error stops sending but keeps joining the collectives (gathers, broadcasts) until the sync's
+last one, which carries every rank's outcome; every rank then raises the same `WeightSyncError`.
 
 Engine calls are coroutines of the async client (rollout/sglang_client.py). `sync_weights` blocks the calling
 thread, which must be the training thread (it runs collectives and, on GPUs, owns the CUDA device); the
@@ -26,27 +44,35 @@ Generation must be idle during a sync: a request running across it would mix two
 
 import asyncio
 import concurrent.futures
-import contextlib
+import dataclasses
+import ipaddress
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor, nn
 
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, Layout, ModelDims, to_global_name
+from megatron_dapo.checkpoint.hf_mapping import HFMapping, Layout, ModelDims, TensorMap, to_global_name
 from megatron_dapo.model.policy import unwrap
-from megatron_dapo.rollout.engine import RolloutEngine
+from megatron_dapo.rollout.engine import EngineError, RolloutEngine
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
-from megatron_dapo.rollout.weight_payload import serialize_flattened_bucket, serialize_named_tensors
+from megatron_dapo.rollout.weight_payload import (
+    concat_bytes,
+    init_weight_update_group,
+    serialize_flattened_bucket,
+    serialize_named_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +88,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class StageReport:
-    """What one pipeline stage's sender sent in one sync."""
+    """What one pipeline stage's tensors cost in one sync (with several senders, the slowest one's time)."""
 
     stage: int
     tensors: int  # Hugging Face tensors
@@ -74,7 +100,7 @@ class StageReport:
 
 @dataclass(frozen=True)
 class SyncReport:
-    """One sync, the same on every rank; `metrics()` for the trainer's logs."""
+    """One sync, the same on every rank; `metrics()` for the trainer's logs. Sizes are per server."""
 
     weight_version: int
     stages: tuple[StageReport, ...]  # in stage order
@@ -104,6 +130,18 @@ class SyncReport:
             metrics[f"{prefix}stage{stage.stage}_engine_seconds"] = stage.engine_seconds
             metrics[f"{prefix}stage{stage.stage}_gigabytes"] = stage.bytes / 1e9
         return metrics
+
+
+class WeightSyncError(RuntimeError):
+    """A sync failed (an engine refused a bucket, say); raised on every rank with the same message."""
+
+
+class _ServerGroupError(EngineError):
+    """A failure that the ranks on one server's GPUs share: the poster's description, raised on each."""
+
+
+def _describe(error: Exception) -> str:
+    return str(error) if isinstance(error, _ServerGroupError) else f"{type(error).__name__}: {error}"
 
 
 # ---------------------------------------------------------------- engine calls from the training thread
@@ -156,61 +194,271 @@ def _check_loop(loop: asyncio.AbstractEventLoop) -> None:
         raise RuntimeError("`loop` is not running: engine calls would never complete (see BackgroundLoop)")
 
 
+# ---------------------------------------------------------------- where colocated servers run
+
+
+@dataclass(frozen=True)
+class ServerPlacement:
+    """Where one rollout server runs: a node, and GPUs base_gpu_id .. base_gpu_id + tp_size - 1 of it
+    (SGLang's --base-gpu-id and --tp-size), numbered as the training processes of that node number theirs."""
+
+    url: str
+    node: str
+    base_gpu_id: int
+    tp_size: int
+
+    @property
+    def gpus(self) -> range:
+        return range(self.base_gpu_id, self.base_gpu_id + self.tp_size)
+
+
+def node_name(host: str) -> str:
+    """A host as placements compare it: its first DNS label in lower case (an IP address whole), so that
+    "gpu-3" in a server URL and "gpu-3.cluster.local" from the node's gethostname() are one node."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.split(".")[0].lower()
+
+
+def servers_from_urls(urls: Sequence[str], *, base_port: int, server_tp: int) -> list[ServerPlacement]:
+    """Placements of servers started as launch/common.sh starts them: on each node, the server on port
+    base_port + k runs on GPUs k * server_tp .. (k + 1) * server_tp - 1 of that node."""
+    placements = []
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(
+                f"rollout.server_urls: {url!r} needs a host and a port, e.g. http://node-3:30000"
+            )
+        if parts.hostname == "localhost" or node_name(parts.hostname).startswith("127."):
+            raise ValueError(
+                f"rollout.server_urls: {url} names no node; colocated servers on several nodes are found by "
+                "the node's host name (launch/common.sh writes them so)"
+            )
+        if parts.port < base_port:
+            raise ValueError(
+                f"rollout.server_urls: {url} has a port below rollout.base_port={base_port}: servers listen "
+                "on base_port + (first GPU) / server_tp"
+            )
+        base_gpu_id = (parts.port - base_port) * server_tp
+        placements.append(ServerPlacement(url.rstrip("/"), node_name(parts.hostname), base_gpu_id, server_tp))
+    return placements
+
+
+@dataclass(frozen=True)
+class Colocation:
+    """Which training rank shares each GPU of each server: server i's TP rank j runs on the GPU of training
+    rank `ranks[i][j]`, which makes that TP rank's payload and whose node alone can open its handles."""
+
+    servers: tuple[ServerPlacement, ...]
+    ranks: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_placement(
+        cls, servers: Sequence[ServerPlacement], node_of_rank: Sequence[str], gpu_of_rank: Sequence[int]
+    ) -> "Colocation":
+        """From where every training rank runs (its node's name and its GPU on that node), by global rank."""
+        if len(node_of_rank) != len(gpu_of_rank):
+            raise ValueError(
+                f"{len(node_of_rank)} nodes but {len(gpu_of_rank)} GPUs: give one of each per rank"
+            )
+        rank_at: dict[tuple[str, int], int] = {}
+        for rank, (node, gpu) in enumerate(zip(node_of_rank, gpu_of_rank, strict=True)):
+            if (node, gpu) in rank_at:
+                raise ValueError(
+                    f"ranks {rank_at[node, gpu]} and {rank} both run on GPU {gpu} of node {node}"
+                )
+            rank_at[node, gpu] = rank
+        taken: dict[tuple[str, int], str] = {}
+        ranks = []
+        for server in servers:
+            if server.tp_size < 1 or server.base_gpu_id < 0:
+                raise ValueError(f"{server.url}: tp_size must be >= 1 and base_gpu_id >= 0, got {server}")
+            server_ranks = []
+            for gpu in server.gpus:
+                if (server.node, gpu) in taken:
+                    raise ValueError(
+                        f"{server.url} and {taken[server.node, gpu]} both use GPU {gpu} of {server.node}"
+                    )
+                taken[server.node, gpu] = server.url
+                if (server.node, gpu) not in rank_at:
+                    raise ValueError(
+                        f"{server.url} runs on GPU {gpu} of node {server.node!r} with no training rank "
+                        f"(training nodes: {sorted(set(node_of_rank))}): colocated servers must share the "
+                        "training GPUs; check the server's node name, base GPU and TP size"
+                    )
+                server_ranks.append(rank_at[server.node, gpu])
+            ranks.append(tuple(server_ranks))
+        return cls(tuple(servers), tuple(ranks))
+
+    @classmethod
+    def discover(cls, servers: Sequence[ServerPlacement]) -> "Colocation":
+        """Collective over all ranks: each rank's node is its host name, its GPU the CUDA device it uses (the
+        index SGLang's --base-gpu-id counts in, when both see the node's GPUs alike), else LOCAL_RANK."""
+        gpu = (
+            torch.cuda.current_device() if torch.cuda.is_available() else int(os.environ.get("LOCAL_RANK", 0))
+        )
+        placements: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(placements, (node_name(socket.gethostname()), gpu))
+        return cls.from_placement(servers, [node for node, _ in placements], [gpu for _, gpu in placements])
+
+
 # ---------------------------------------------------------------- transports
 
 
 class WeightTransport(Protocol):
+    # True: every rank builds every stage's tensors and calls `send` with each bucket (a collective);
+    # False: each stage's sender alone builds and sends that stage's buckets.
+    whole_model_on_every_rank: bool
+
+    def is_sender(self, pg_collection: ProcessGroupCollection) -> bool:
+        """Whether this rank calls the engine (and so needs the engine client and loop)."""
+        ...
+
     def send(
         self,
         bucket: NamedTensors,
-        engine: RolloutEngine,
-        loop: asyncio.AbstractEventLoop,
+        engine: RolloutEngine | None,
+        loop: asyncio.AbstractEventLoop | None,
         *,
         stage: int,
         weight_version: int,
         flush_cache: bool,
     ) -> None:
-        """Hand one bucket to every server; return once they have loaded it."""
+        """Hand one bucket to the servers; return once they have loaded it. On failure, raise only after
+        this rank has joined the collectives `send` runs, so that the others can go on."""
         ...
 
 
-class TensorTransport:
-    """/update_weights_from_tensor: handles to the sender's memory, one payload per TP rank of a server.
+def _is_stage_sender(pg_collection: ProcessGroupCollection) -> bool:
+    return pg_collection.tp.rank() == 0 and pg_collection.dp_cp.rank() == 0
 
-    CPU tensors (the CPU engine) travel as /dev/shm files. CUDA tensors travel as CUDA IPC handles, which
-    only processes on the sender's node can open: every server must run on the node of every stage's sender
-    (one node, or one node per stage with PP). Each of a server's TP ranks reads its own entry of the payload
-    list; all entries are the same payload here, each rank maps the sender's GPU memory and copies its shard.
+
+class TensorTransport:
+    """/update_weights_from_tensor: handles to the senders' memory, one payload per TP rank of a server.
+
+    Without `colocation` every server must run on the node of every stage's sender (one node): each TP
+    rank maps the sender's memory (GPU memory over NVLink) and copies its shard. `engine_tp_size` and
+    `num_servers` (default 1 each) say how many processes load each payload, which CPU payloads must know
+    (rollout/weight_payload.py). With `colocation`, made on every rank (it builds a gloo group per server),
+    every rank builds the whole model and each server TP rank gets a handle to the copy on its own GPU (see
+    the module docstring); the colocation knows the servers, and sizes given besides must agree with it.
     """
 
-    def __init__(self, *, engine_tp_size: int = 1, load_format: str | None = FLATTENED_BUCKET):
+    def __init__(
+        self,
+        *,
+        engine_tp_size: int | None = None,
+        num_servers: int | None = None,
+        load_format: str | None = FLATTENED_BUCKET,
+        colocation: Colocation | None = None,
+    ):
         _check_load_format(load_format)
-        if engine_tp_size < 1:
+        if engine_tp_size is not None and engine_tp_size < 1:
             raise ValueError(f"engine_tp_size must be >= 1 (the servers' --tp-size), got {engine_tp_size}")
-        self.engine_tp_size = engine_tp_size
+        if num_servers is not None and num_servers < 1:
+            raise ValueError(f"num_servers must be >= 1 (the servers a bucket goes to), got {num_servers}")
+        if colocation is not None:
+            tp_sizes = sorted({server.tp_size for server in colocation.servers})
+            if engine_tp_size is not None and tp_sizes != [engine_tp_size]:
+                raise ValueError(
+                    f"engine_tp_size={engine_tp_size} but the colocation's servers have TP sizes {tp_sizes}"
+                )
+            if num_servers is not None and num_servers != len(colocation.servers):
+                raise ValueError(
+                    f"num_servers={num_servers} but the colocation places {len(colocation.servers)} servers"
+                )
+        self.engine_tp_size = engine_tp_size or 1
+        self.num_servers = num_servers or 1
         self.load_format = load_format
+        self.colocation = colocation
+        self._server: int | None = None  # index of the server on this rank's GPU
+        self._server_group: dist.ProcessGroup | None = None  # the training ranks on that server's GPUs
+        if colocation is not None:
+            for index, ranks in enumerate(colocation.ranks):
+                # A collective of every rank, server by server, members or not.
+                group = dist.new_group(list(ranks), backend="gloo")
+                if dist.get_rank() in ranks:
+                    self._server, self._server_group = index, group
+
+    @property
+    def whole_model_on_every_rank(self) -> bool:
+        return self.colocation is not None
+
+    def is_sender(self, pg_collection: ProcessGroupCollection) -> bool:
+        if self.colocation is None:
+            return _is_stage_sender(pg_collection)
+        return self._server is not None and self.colocation.ranks[self._server][0] == dist.get_rank()
 
     def send(self, bucket, engine, loop, *, stage, weight_version, flush_cache) -> None:
-        cuda = bucket[0][1].is_cuda
-        serialize = (
-            serialize_flattened_bucket if self.load_format == FLATTENED_BUCKET else serialize_named_tensors
-        )
-        with _cuda_devices_as_uuids() if cuda else contextlib.nullcontext():
-            payload = serialize(bucket)
         # `bucket` stays referenced until the servers answer: the handles point into its memory.
-        _submit(
-            loop,
-            engine.update_weights_from_tensor(
-                [payload] * self.engine_tp_size,
-                weight_version=weight_version,
-                load_format=self.load_format,
-                flush_cache=flush_cache,
-            ),
-        ).result()
-        if cuda:
+        if self.colocation is None:
+            # One payload for every TP rank of every server, each loading it once.
+            payload = self._serialize(bucket, receivers=self.num_servers * self.engine_tp_size)
+            payloads = [payload] * self.engine_tp_size
+            self._post(
+                payloads, engine, loop, url=None, weight_version=weight_version, flush_cache=flush_cache
+            )
+        elif self._server is not None:
+            self._send_to_own_server(
+                bucket, engine, loop, weight_version=weight_version, flush_cache=flush_cache
+            )
+        else:
+            return  # no server runs on this rank's GPU
+        if bucket[0][1].is_cuda:
             # Blocks sent over IPC return to the allocator only once the receivers dropped them (torch counts
             # references across processes); reclaim those now rather than at some later allocation.
             torch.cuda.ipc_collect()
+
+    def _serialize(self, bucket: NamedTensors, receivers: int = 1) -> str:
+        if self.load_format == FLATTENED_BUCKET:
+            return serialize_flattened_bucket(bucket, receivers=receivers)
+        return serialize_named_tensors(bucket, receivers=receivers)
+
+    def _post(self, payloads, engine, loop, *, url, weight_version, flush_cache) -> None:
+        call = engine.update_weights_from_tensor(
+            payloads,
+            weight_version=weight_version,
+            load_format=self.load_format,
+            flush_cache=flush_cache,
+            url=url,
+        )
+        _submit(loop, call).result()
+
+    def _send_to_own_server(self, bucket, engine, loop, *, weight_version, flush_cache) -> None:
+        """A collective of the ranks on one server's GPUs: each serializes its own copy, the rank on the first
+        GPU posts them (TP rank j reads the one made on its GPU) and tells the others how it went: they free
+        their copies only then, and raise the same error if it failed."""
+        server, ranks = self.colocation.servers[self._server], self.colocation.ranks[self._server]
+        rank = dist.get_rank()
+        try:
+            mine = (rank, self._serialize(bucket), None)
+        except Exception as error:  # still join the gather below: the others wait in it
+            mine = (rank, None, f"rank {rank} could not serialize: {_describe(error)}")
+        poster = ranks[0]
+        gathered = [None] * len(ranks) if rank == poster else None
+        dist.gather_object(mine, gathered, dst=poster, group=self._server_group)
+        outcome: list[str | None] = [None]
+        if rank == poster:
+            outcome[0] = next((error for _, _, error in gathered if error is not None), None)
+            if outcome[0] is None:
+                payload_of = {sender: payload for sender, payload, _ in gathered}
+                payloads = [payload_of[server_rank] for server_rank in ranks]  # TP rank j: GPU base + j
+                try:
+                    self._post(
+                        payloads,
+                        engine,
+                        loop,
+                        url=server.url,
+                        weight_version=weight_version,
+                        flush_cache=flush_cache,
+                    )
+                except Exception as error:
+                    outcome[0] = _describe(error)
+        dist.broadcast_object_list(outcome, src=poster, group=self._server_group)
+        if outcome[0] is not None:
+            raise _ServerGroupError(outcome[0])
 
 
 class BroadcastTransport:
@@ -220,6 +468,8 @@ class BroadcastTransport:
     ranks 1.. are the servers' GPUs, server by server. The groups are made at the first sync and kept;
     `close` ends them. `master_address` must be an address of the senders' hosts that the servers reach.
     """
+
+    whole_model_on_every_rank = False
 
     def __init__(
         self,
@@ -248,6 +498,9 @@ class BroadcastTransport:
         self.timeout = timeout
         self._groups: dict[int, dist.ProcessGroup] = {}  # stage -> its group, on that stage's sender
 
+    def is_sender(self, pg_collection: ProcessGroupCollection) -> bool:
+        return _is_stage_sender(pg_collection)
+
     def stage_group_name(self, stage: int) -> str:
         return f"{self.group_name}-pp{stage}"
 
@@ -267,13 +520,30 @@ class BroadcastTransport:
         )
         # The servers receive while they answer the call above: broadcast concurrently, from this thread.
         if self.load_format == FLATTENED_BUCKET:
-            # All the bytes in one buffer, in order, unpadded, as SGLang's FlattenedTensorBucket has them.
-            flat = torch.cat([tensor.contiguous().view(-1).view(torch.uint8) for _, tensor in bucket])
-            dist.broadcast(flat, group=group, group_src=0)
+            sent = [concat_bytes([tensor for _, tensor in bucket])]  # SGLang's FlattenedTensorBucket bytes
         else:
-            for _, tensor in bucket:
-                dist.broadcast(tensor.contiguous(), group=group, group_src=0)
-        answer.result()
+            sent = [tensor.contiguous() for _, tensor in bucket]
+        broadcasts = [dist.broadcast(tensor, group=group, group_src=0, async_op=True) for tensor in sent]
+        try:
+            # A server that refuses the call receives nothing: its answer, not the broadcast, ends the wait.
+            answer.result()
+        except Exception:
+            self._abandon(stage, engine, loop)
+            raise
+        for broadcast in broadcasts:
+            broadcast.wait()
+
+    def _abandon(self, stage: int, engine: RolloutEngine, loop: asyncio.AbstractEventLoop) -> None:
+        """Drop a group whose last broadcast some server never received: its ranks no longer agree on what
+        comes next. The servers destroy their end (ending the broadcast); the next sync makes a new one."""
+        group = self._groups.pop(stage)
+        try:
+            _submit(loop, engine.destroy_weights_update_group(self.stage_group_name(stage))).result()
+        except Exception as error:  # the sync fails anyway; a server that lost the group needs no destroy
+            logger.warning(
+                "weight sync: destroying %s on the servers failed: %s", self.stage_group_name(stage), error
+            )
+        dist.destroy_process_group(group)
 
     def _connect(
         self, engine: RolloutEngine, loop: asyncio.AbstractEventLoop, stage: int
@@ -297,8 +567,14 @@ class BroadcastTransport:
             )
             for index, url in enumerate(self.server_urls)
         ]
-        self._groups[stage] = _join_as_rank_zero(
-            self.backend, self.master_address, port, world_size, self.stage_group_name(stage), self.timeout
+        self._groups[stage] = init_weight_update_group(
+            backend=self.backend,
+            master_address=self.master_address,
+            master_port=port,
+            world_size=world_size,
+            rank=0,
+            group_name=self.stage_group_name(stage),
+            timeout=self.timeout,
         )
         for join in joins:
             join.result()
@@ -314,66 +590,6 @@ class BroadcastTransport:
             del self._groups[stage]
 
 
-def _join_as_rank_zero(
-    backend: str, address: str, port: int, world_size: int, group_name: str, timeout: timedelta
-) -> dist.ProcessGroup:
-    """A process group with the servers, beside this process's training groups, joined as SGLang's servers
-    join it (its `init_custom_process_group`): a TCP store at address:port under the prefix `group_name`.
-
-    torch makes groups outside the default world only through these private helpers; SGLang, verl and slime
-    use the same ones, and the store keys must match theirs exactly.
-    """
-    from torch.distributed.distributed_c10d import _new_process_group_helper, _world, rendezvous
-
-    store, rank, world_size = next(rendezvous(f"tcp://{address}:{port}", 0, world_size, timeout=timeout))
-    store.set_timeout(timeout)
-    group, _ = _new_process_group_helper(
-        world_size,
-        rank,
-        [],
-        dist.Backend(backend),
-        dist.PrefixStore(group_name, store),
-        group_name=group_name,
-        timeout=timeout,
-    )
-    # Ranks of this group are its own, not the default group's: `group_src` and `src` both mean rank r.
-    _world.pg_group_ranks[group] = {r: r for r in range(world_size)}
-    return group
-
-
-@contextlib.contextmanager
-def _cuda_devices_as_uuids() -> Iterator[None]:
-    """Pickle CUDA tensors with their GPU's UUID where torch writes the device index.
-
-    SGLang's receivers (`monkey_patch_torch_reductions`) read a UUID there and look the device up among
-    their own: a process's device index depends on its CUDA_VISIBLE_DEVICES, which the trainer's and the
-    server's need not share. Only CUDA tensors are rewritten (CPU tensors have no device field), and only
-    while this context lasts, so nothing else this process pickles is touched.
-    """
-    from torch.multiprocessing import reductions
-
-    def reduce_with_uuid(tensor: Tensor):
-        rebuild, args = reductions.reduce_tensor(tensor)
-        if rebuild is reductions.rebuild_cuda_tensor:
-            device_index = 6  # position of the device in rebuild_cuda_tensor's arguments
-            uuid = str(torch.cuda.get_device_properties(args[device_index]).uuid)
-            args = (*args[:device_index], uuid, *args[device_index + 1 :])
-        return rebuild, args
-
-    tensor_types = (torch.Tensor, torch.nn.Parameter)
-    saved = {cls: ForkingPickler._extra_reducers.get(cls) for cls in tensor_types}
-    for cls in tensor_types:
-        ForkingPickler.register(cls, reduce_with_uuid)
-    try:
-        yield
-    finally:
-        for cls, reducer in saved.items():
-            if reducer is None:
-                ForkingPickler._extra_reducers.pop(cls, None)
-            else:
-                ForkingPickler.register(cls, reducer)
-
-
 def _check_load_format(load_format: str | None) -> None:
     if load_format not in LOAD_FORMATS:
         raise ValueError(
@@ -384,9 +600,13 @@ def _check_load_format(load_format: str | None) -> None:
 # ---------------------------------------------------------------- the sync
 
 
-def is_sender(pg_collection: ProcessGroupCollection) -> bool:
-    """Whether this rank sends its pipeline stage's weights (and so needs the engine client and loop)."""
-    return pg_collection.tp.rank() == 0 and pg_collection.dp_cp.rank() == 0
+def is_sender(pg_collection: ProcessGroupCollection, transport: WeightTransport | None = None) -> bool:
+    """Whether this rank calls the engine in `sync_weights` (and so needs the engine client and loop).
+
+    Without a transport: whether it sends its pipeline stage's weights, which is the answer of every
+    transport but a TensorTransport with a colocation (where the rank on each server's first GPU sends).
+    """
+    return transport.is_sender(pg_collection) if transport is not None else _is_stage_sender(pg_collection)
 
 
 @torch.no_grad()
@@ -406,42 +626,38 @@ def sync_weights(
 
     `model` is this rank's stage (DDP / Float16Module wrappers allowed) of the model built from `hf_config`;
     `dtype` is the engine's (its --dtype); `weight_version` is the trainer's step, which the engine reports
-    with every completion it generates afterwards. `engine` and `loop` are needed on sender ranks only.
+    with every completion it generates afterwards. `engine` and `loop` are needed on sender ranks only
+    (`is_sender(pg_collection, transport)`). Raises WeightSyncError on every rank if an engine call failed.
     """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes} (a few hundred MB suits GPUs)")
     start = time.perf_counter()
     stage, stages = pg_collection.pp.rank(), pg_collection.pp.size()
-    sender = is_sender(pg_collection)
+    sender = transport.is_sender(pg_collection)
     if sender and (engine is None or loop is None):
         raise ValueError(
-            f"rank {dist.get_rank()} sends stage {stage}'s weights (is_sender): give it the engine client "
+            f"rank {dist.get_rank()} calls the engine in weight syncs (is_sender): give it the engine client "
             "and the event loop that client runs on"
         )
     if sender:
         _check_loop(loop)
-    report = None
-    if pg_collection.dp_cp.rank() == 0:
-        mapping = HFMapping(ModelDims.from_hf_config(hf_config))
+    mapping = HFMapping(ModelDims.from_hf_config(hf_config))
+    sending = _Sending(transport, engine if sender else None, loop, weight_version, bucket_bytes)
+    if transport.whole_model_on_every_rank:
+        parameters = _parameters_of_every_stage(model, mapping, pg_collection)
+        for turn in range(stages):
+            named = every_rank_hf_tensors(model, mapping, pg_collection, dtype, turn, parameters[turn])
+            sending.stage(named, turn, flush_at_end=turn == stages - 1, joins_every_send=True)
+    elif pg_collection.dp_cp.rank() == 0:
         # Stages take turns, first to last: broadcasts to the same servers in several groups at once could
         # deadlock (each server waits in one group while a sender waits for it in another), and the cache
         # is flushed once, after the last bucket of the last stage.
         for turn in range(stages):
             if turn == stage:
-                report = _sync_stage(
-                    stage_hf_tensors(model, mapping, pg_collection, dtype),
-                    transport,
-                    engine if sender else None,
-                    loop,
-                    stage=stage,
-                    weight_version=weight_version,
-                    bucket_bytes=bucket_bytes,
-                    flush_at_end=stage == stages - 1,
-                )
+                named = stage_hf_tensors(model, mapping, pg_collection, dtype)
+                sending.stage(named, stage, flush_at_end=stage == stages - 1, joins_every_send=False)
             dist.barrier(group=pg_collection.pp)
-    return SyncReport(
-        weight_version, _share_reports(report if sender else None, pg_collection), time.perf_counter() - start
-    )
+    return _finish(sending, start)
 
 
 def stage_hf_tensors(
@@ -451,15 +667,47 @@ def stage_hf_tensors(
 
     A collective of the TP group: every TP rank gathers and gets every tensor.
     """
-    layers, stages, stage = mapping.dims.num_layers, pg_collection.pp.size(), pg_collection.pp.rank()
-    for name, param in unwrap(model).named_parameters():
-        entry = mapping.get(to_global_name(name, layers, stages, stage))
+    for name, param in _global_named_parameters(model, mapping, pg_collection):
+        entry = mapping.get(name)
         if entry.tied_copy:  # the last stage's copy of the tied embedding: the first stage sends it
             continue
         # Cast before gathering: exact (merging only concatenates), and fewer bytes to gather.
-        local = param.detach().to(dtype)
-        shards = [local] if entry.layout is Layout.REPLICATED else _all_gather(local, pg_collection.tp)
-        yield from mapping.to_hf(entry, shards)
+        yield from _gathered_to_hf(mapping, entry, param.detach().to(dtype), pg_collection.tp)
+
+
+def every_rank_hf_tensors(
+    model: nn.Module,
+    mapping: HFMapping,
+    pg_collection: ProcessGroupCollection,
+    dtype: torch.dtype,
+    stage: int,
+    parameters: Sequence[tuple[str, torch.Size]],
+) -> Iterator[tuple[str, Tensor]]:
+    """Stage `stage`'s weights as `stage_hf_tensors` gives them, on every rank: a collective of the PP and
+    TP groups, in which the stage's ranks broadcast each shard over their PP groups before each TP group
+    gathers it. `parameters`: the stage's (global Megatron name, this TP rank's shard shape), in order."""
+    own = pg_collection.pp.rank() == stage
+    local = dict(_global_named_parameters(model, mapping, pg_collection)) if own else {}
+    device = next(unwrap(model).parameters()).device
+    for name, shape in parameters:
+        entry = mapping.get(name)
+        if entry.tied_copy:
+            continue
+        shard = (
+            local[name].detach().to(dtype).contiguous()
+            if own
+            else torch.empty(shape, dtype=dtype, device=device)
+        )
+        if pg_collection.pp.size() > 1:
+            dist.broadcast(shard, group=pg_collection.pp, group_src=stage)
+        yield from _gathered_to_hf(mapping, entry, shard, pg_collection.tp)
+
+
+def _gathered_to_hf(
+    mapping: HFMapping, entry: TensorMap, shard: Tensor, tp_group: dist.ProcessGroup
+) -> list[tuple[str, Tensor]]:
+    shards = [shard] if entry.layout is Layout.REPLICATED else _all_gather(shard, tp_group)
+    return mapping.to_hf(entry, shards)
 
 
 def _all_gather(local: Tensor, group: dist.ProcessGroup) -> list[Tensor]:
@@ -467,6 +715,26 @@ def _all_gather(local: Tensor, group: dist.ProcessGroup) -> list[Tensor]:
     shards = [torch.empty_like(local) for _ in range(group.size())]
     dist.all_gather(shards, local, group=group)
     return shards
+
+
+def _global_named_parameters(
+    model: nn.Module, mapping: HFMapping, pg_collection: ProcessGroupCollection
+) -> Iterator[tuple[str, nn.Parameter]]:
+    """This stage's parameters under their global Megatron names (layer indices of the whole model)."""
+    layers, stages, stage = mapping.dims.num_layers, pg_collection.pp.size(), pg_collection.pp.rank()
+    for name, param in unwrap(model).named_parameters():
+        yield to_global_name(name, layers, stages, stage), param
+
+
+def _parameters_of_every_stage(
+    model: nn.Module, mapping: HFMapping, pg_collection: ProcessGroupCollection
+) -> list[list[tuple[str, torch.Size]]]:
+    """Per stage, its parameters and this TP rank's shard shapes, which the rank's PP peers (the same TP
+    rank of the other stages) know: a rank receives a stage it does not hold into buffers of these shapes."""
+    mine = [(name, param.shape) for name, param in _global_named_parameters(model, mapping, pg_collection)]
+    every_stage: list[Any] = [None] * pg_collection.pp.size()
+    dist.all_gather_object(every_stage, mine, group=pg_collection.pp)
+    return every_stage
 
 
 def buckets(named: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> Iterator[tuple[NamedTensors, bool]]:
@@ -486,52 +754,92 @@ def buckets(named: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> Iterator[
         yield bucket, True
 
 
-def _sync_stage(
-    named: Iterator[tuple[str, Tensor]],
-    transport: WeightTransport,
-    engine: RolloutEngine | None,
-    loop: asyncio.AbstractEventLoop | None,
-    *,
-    stage: int,
-    weight_version: int,
-    bucket_bytes: int,
-    flush_at_end: bool,
-) -> StageReport:
-    """Gather the stage's tensors and, on the sender (`engine` given), send them a bucket at a time."""
-    start = time.perf_counter()
-    tensors = nbytes = count = 0
-    engine_seconds = 0.0
-    for bucket, last in buckets(named, bucket_bytes):
-        if engine is None:
-            continue  # a TP rank other than the sender: it only takes part in the gathers
-        send_start = time.perf_counter()
-        transport.send(
-            bucket,
-            engine,
-            loop,
-            stage=stage,
-            weight_version=weight_version,
-            flush_cache=last and flush_at_end,
-        )
-        engine_seconds += time.perf_counter() - send_start
-        tensors += len(bucket)
-        nbytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
-        count += 1
-    seconds = time.perf_counter() - start
-    if engine is not None:
+class _Sending:
+    """This rank's part in one sync: the buckets it sends, what they cost, and the first error, after which
+    it sends no more but still builds the buckets (the gathers and broadcasts are collectives)."""
+
+    def __init__(
+        self,
+        transport: WeightTransport,
+        engine: RolloutEngine | None,
+        loop: asyncio.AbstractEventLoop | None,
+        weight_version: int,
+        bucket_bytes: int,
+    ):
+        self.transport, self.engine, self.loop = transport, engine, loop
+        self.weight_version, self.bucket_bytes = weight_version, bucket_bytes
+        self.reports: list[StageReport] = []  # of the stages this rank sent, on sender ranks
+        self.error: str | None = None
+
+    def stage(
+        self, named: Iterator[tuple[str, Tensor]], stage: int, *, flush_at_end: bool, joins_every_send: bool
+    ) -> None:
+        """Gather the stage's tensors and hand them over a bucket at a time. `joins_every_send`: every rank
+        calls the transport (its sends are collectives); otherwise the sender alone does."""
+        calls_send = joins_every_send or self.engine is not None
+        start = time.perf_counter()
+        tensors = nbytes = count = 0
+        engine_seconds = 0.0
+        for bucket, last in buckets(named, self.bucket_bytes):
+            if not calls_send or self.error is not None:
+                continue  # a rank that only takes part in the gathers, or one whose server failed
+            send_start = time.perf_counter()
+            try:
+                self.transport.send(
+                    bucket,
+                    self.engine,
+                    self.loop,
+                    stage=stage,
+                    weight_version=self.weight_version,
+                    flush_cache=last and flush_at_end,
+                )
+            except Exception as error:
+                self.error = f"stage {stage}: {_describe(error)}"
+                logger.error(
+                    "weight sync v%d failed on rank %d: %s", self.weight_version, dist.get_rank(), self.error
+                )
+                continue
+            engine_seconds += time.perf_counter() - send_start
+            tensors += len(bucket)
+            nbytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
+            count += 1
+        if self.engine is None:
+            return
+        seconds = time.perf_counter() - start
         logger.info(
             "weight sync v%d, stage %d: %d tensors, %.3f GB in %d buckets, %.2f s (engine %.2f s)",
-            weight_version, stage, tensors, nbytes / 1e9, count, seconds, engine_seconds,
+            self.weight_version, stage, tensors, nbytes / 1e9, count, seconds, engine_seconds,
         )  # fmt: skip
-    return StageReport(stage, tensors, nbytes, count, seconds, engine_seconds)
+        self.reports.append(StageReport(stage, tensors, nbytes, count, seconds, engine_seconds))
 
 
-def _share_reports(
-    report: StageReport | None, pg_collection: ProcessGroupCollection
-) -> tuple[StageReport, ...]:
-    """Every stage's report, on every rank. Also the sync's end for all: no rank trains before it is done."""
-    gathered: list[StageReport | None] = [None] * pg_collection.mp.size()
-    dist.all_gather_object(gathered, report, group=pg_collection.mp)
-    reports = [sorted((r for r in gathered if r is not None), key=lambda r: r.stage)]
-    dist.broadcast_object_list(reports, group=pg_collection.dp_cp, group_src=0)
-    return tuple(reports[0])
+def _finish(sending: _Sending, start: float) -> SyncReport:
+    """Every rank's reports and outcome, on every rank: the sync's end for all (no rank trains before every
+    server holds the new weights), and the one place where a failure anywhere becomes an error everywhere."""
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, (sending.reports, sending.error))
+    failures: dict[str, list[int]] = {}
+    for rank, (_, error) in enumerate(outcomes):
+        if error is not None:
+            failures.setdefault(error, []).append(rank)
+    if failures:
+        shown = "; ".join(
+            f"{error} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+            for error, ranks in list(failures.items())[:3]
+        )
+        more = f"; and {len(failures) - 3} more failures" if len(failures) > 3 else ""
+        raise WeightSyncError(f"weight sync to version {sending.weight_version} failed: {shown}{more}")
+    by_stage: dict[int, list[StageReport]] = {}
+    for reports, _ in outcomes:
+        for report in reports:
+            by_stage.setdefault(report.stage, []).append(report)
+    # Each sender sent a stage's tensors to its own servers: the same sizes; the slowest one sets the time.
+    stages = tuple(
+        dataclasses.replace(
+            by_stage[stage][0],
+            seconds=max(report.seconds for report in by_stage[stage]),
+            engine_seconds=max(report.engine_seconds for report in by_stage[stage]),
+        )
+        for stage in sorted(by_stage)
+    )
+    return SyncReport(sending.weight_version, stages, time.perf_counter() - start)

@@ -5,6 +5,7 @@ the same ones against real SGLang servers. One engine serves the whole module.
 """
 
 import asyncio
+from datetime import timedelta
 
 import aiohttp
 import pytest
@@ -250,23 +251,41 @@ def test_release_and_resume_memory(engine, reference):
     run(engine, _release_and_resume, reference)
 
 
+def _join_as_sglang_does(port: int, group_name: str) -> dist.ProcessGroup:
+    """Rank 0 of a 2-rank group, joined exactly as SGLang's `init_custom_process_group` joins (restated here
+    as the reference the engine must meet): a TCP store at the address, keys under the group's name, a group
+    beside the default one (this process has none)."""
+    from torch.distributed.distributed_c10d import _new_process_group_helper, _world, rendezvous
+
+    timeout = timedelta(seconds=60)
+    store, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{port}", 0, 2, timeout=timeout))
+    store.set_timeout(timeout)
+    store = dist.PrefixStore(group_name, store)
+    group, _ = _new_process_group_helper(
+        world_size, rank, [], dist.Backend("gloo"), store, group_name=group_name, timeout=timeout
+    )
+    _world.pg_group_ranks[group] = {0: 0, 1: 1}
+    return group
+
+
 async def _update_from_distributed(client: SGLangClient, reference, other) -> None:
-    """The test process plays the trainer's rank 0 of a gloo group; the engine joins as rank 1."""
+    """The test process plays the trainer's senders of two pipeline stages, each rank 0 of a named group of
+    its own; the engine joins both as rank 1 and holds them at once."""
     loop = asyncio.get_running_loop()
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    # Both sides block until the other joins (or receives): the HTTP call and rank 0 run concurrently.
-    await asyncio.gather(
-        client.init_weights_update_group(
-            client.server_urls[0], master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2,
-            group_name="sync", backend="gloo",
-        ),
-        loop.run_in_executor(
-            None, lambda: dist.init_process_group("gloo", init_method=address, world_size=2, rank=0)
-        ),
-    )  # fmt: skip
+    groups = {}
+    for group_name in ("stage0", "stage1"):
+        port = free_port()
+        # Both sides block until the other joins (or receives): the HTTP call and rank 0 run concurrently.
+        _, groups[group_name] = await asyncio.gather(
+            client.init_weights_update_group(
+                client.server_urls[0], master_address="127.0.0.1", master_port=port, rank_offset=1,
+                world_size=2, group_name=group_name, backend="gloo",
+            ),
+            loop.run_in_executor(None, _join_as_sglang_does, port, group_name),
+        )  # fmt: skip
     try:
-        for model, version, load_format in ((other, 4, None), (reference, 5, "flattened_bucket")):
+        syncs = ((other, 4, None, "stage0"), (reference, 5, "flattened_bucket", "stage1"))
+        for model, version, load_format, group_name in syncs:
             named = list(model.state_dict().items())
             await asyncio.gather(
                 client.update_weights_from_distributed(
@@ -274,27 +293,32 @@ async def _update_from_distributed(client: SGLangClient, reference, other) -> No
                     [str(tensor.dtype).removeprefix("torch.") for _, tensor in named],
                     [list(tensor.shape) for _, tensor in named],
                     weight_version=version,
-                    group_name="sync",
+                    group_name=group_name,
                     load_format=load_format,
                 ),
-                loop.run_in_executor(None, _broadcast, [tensor for _, tensor in named], load_format),
+                loop.run_in_executor(
+                    None, _broadcast, [tensor for _, tensor in named], load_format, groups[group_name]
+                ),
             )
             [completion] = await client.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=8))
             assert completion.token_ids == greedy_reference(model, PROMPT, 8)
             assert completion.weight_version == version
-        await client.destroy_weights_update_group("sync")
+        for group_name in groups:
+            await client.destroy_weights_update_group(group_name)
+        with pytest.raises(EngineRequestError, match="no group 'stage0'"):
+            await client.destroy_weights_update_group("stage0")
     finally:
-        dist.destroy_process_group()
+        for group in groups.values():
+            dist.destroy_process_group(group)
 
 
-def _broadcast(tensors: list[torch.Tensor], load_format: str | None) -> None:
+def _broadcast(tensors: list[torch.Tensor], load_format: str | None, group: dist.ProcessGroup) -> None:
     if load_format is None:
         for tensor in tensors:
-            dist.broadcast(tensor.contiguous(), src=0)
+            dist.broadcast(tensor.contiguous(), group=group, group_src=0)
     else:  # one buffer of all the bytes, in order and unpadded, as SGLang's FlattenedTensorBucket lays them
-        dist.broadcast(
-            torch.cat([tensor.contiguous().view(-1).view(torch.uint8) for tensor in tensors]), src=0
-        )
+        flat = torch.cat([tensor.contiguous().view(-1).view(torch.uint8) for tensor in tensors])
+        dist.broadcast(flat, group=group, group_src=0)
 
 
 def test_weight_update_from_distributed_broadcast(engine, reference, other_model):

@@ -1,8 +1,10 @@
 """Weight sync's CUDA paths (need CUDA; the SGLang tests also need sglang installed).
 
-- CUDA IPC payloads name the GPU by UUID and rebuild, in another process, as SGLang's receiver rebuilds them.
+- CUDA IPC payloads name the GPU by UUID and rebuild, in another process, as SGLang's receiver rebuilds them
+  (the same serializer makes the payloads of tests/gpu/test_sglang_client.py).
 - Colocated: a Megatron model on GPU 0 syncs into an SGLang server on the same GPU through CUDA IPC handles,
-  in both load formats; the server's log-probs then equal the Hugging Face model's.
+  in both load formats, and through the many-node path (a colocation); the server's log-probs then equal the
+  Hugging Face model's.
 - Separate GPUs: the same through an NCCL group and /update_weights_from_distributed (two GPUs).
 SGLang runs in float32 with its torch-native backends, as in test_sglang_client.py, so that log-probs compare
 with the float32 Hugging Face model.
@@ -13,6 +15,7 @@ import base64
 import io
 import multiprocessing as mp
 import pickle
+import socket
 
 import pytest
 import torch
@@ -30,8 +33,10 @@ from megatron_dapo.rollout.weight_payload import serialize_named_tensors
 from megatron_dapo.rollout.weight_sync import (
     BackgroundLoop,
     BroadcastTransport,
+    Colocation,
+    ServerPlacement,
     TensorTransport,
-    _cuda_devices_as_uuids,
+    node_name,
     sync_weights,
 )
 from tests.parallel.tiny_models import save_tiny_checkpoint, single_process_groups, tiny_config, tiny_hf_model
@@ -68,8 +73,7 @@ def _rebuild_in_another_process(payload: str, queue) -> None:
 
 def test_cuda_ipc_payload_rebuilds_from_the_gpu_uuid():
     named = [("a", torch.randn(4, 5, device="cuda")), ("b", torch.arange(7, device="cuda"))]
-    with _cuda_devices_as_uuids():
-        payload = serialize_named_tensors(named)
+    payload = serialize_named_tensors(named)
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_rebuild_in_another_process, args=(payload, queue))
@@ -164,6 +168,15 @@ def test_colocated_sync_through_cuda_ipc(groups, checkpoints, colocated_server, 
     policy, version = SYNCS[load_format]
     transport = TensorTransport(load_format=load_format)  # the server shares GPU 0 with the model
     sync_and_check(groups, checkpoints[policy], colocated_server, transport, version)
+
+
+def test_colocation_hands_the_server_the_copy_on_its_gpu(groups, checkpoints, colocated_server):
+    """The many-node path on one node: found by host name and CUDA device, the rank on the server's GPU
+    builds the whole model and posts a handle to its own copy."""
+    here = node_name(socket.gethostname())
+    server = ServerPlacement(colocated_server.urls[0], here, base_gpu_id=0, tp_size=1)
+    transport = TensorTransport(colocation=Colocation.discover([server]))
+    sync_and_check(groups, checkpoints["policy1"], colocated_server, transport, version=3)
 
 
 @pytest.mark.gpu(2)

@@ -1,20 +1,26 @@
-"""Weight sync from a Megatron model at TP=2 x PP=2 (and TP=2 x DP=2; 4 processes, gloo) into rollout servers.
+"""Weight sync from a Megatron model on 4 processes (gloo) into two real CPU engine processes, over HTTP only.
 
-/update_weights_from_tensor goes to a real CPU engine process started here, queried over HTTP only: after a
-sync from a policy whose every tensor differs from the engine's previous weights, the engine's log-probs of
-its own samples equal the Megatron model's and the Hugging Face model's. The model has tied embeddings, so
+After each sync from a policy whose every tensor differs from what the engines held, each engine's log-probs
+of its own samples equal the Megatron model's and the Hugging Face model's. The model has tied embeddings, so
 the last stage holds a copy of the embedding that must not be sent a second time.
 
-/update_weights_from_distributed cannot go to the CPU engine: it joins the weight-update group as a default
-process group, under other store keys than SGLang's servers use, so a trainer that joins as SGLang expects
-never meets it. Stand-in server ranks take its place here: processes that join and receive exactly as
-SGLang's TP workers do (`init_custom_process_group`, `update_weights_from_distributed` in either format).
+- One node (TensorTransport without a colocation): the stage senders hand both engines the same handles,
+  at TP=2 x PP=2 in both load formats, and at TP=2 x DP=2 (the second replica sends nothing).
+- Two simulated nodes (a colocation given each rank's node explicitly): ranks 0-1 run on node0, ranks 2-3 on
+  node1; engine 0 shares GPU 0 of node0 (rank 0), engine 1 GPU 1 of node1 (rank 3). At TP=2 x PP=2 each node
+  holds one stage and receives the other; at TP=2 x DP=2 each holds a replica. An engine must get its
+  payloads from the rank on its GPU: the shared-memory files a payload names carry the maker's process id.
+  Servers of TP size 2 (which the CPU engine cannot be) are in-process recorders: payload j from GPU j.
+- Broadcast (/init_weights_update_group + /update_weights_from_distributed) into both engines, one named
+  group per stage, held across syncs, joined on the engines' side as SGLang's servers join.
+- An engine that refuses its buckets fails the sync on every rank, whichever the transport; a broadcast
+  sync afterwards, once the engine is back, succeeds.
 """
 
 import asyncio
-import json
-import subprocess
-import sys
+import base64
+import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,10 +42,14 @@ from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
 from megatron_dapo.rollout.testing import reference_logprobs
 from megatron_dapo.rollout.types import SamplingParams
+from megatron_dapo.rollout.weight_payload import deserialize_named_tensors
 from megatron_dapo.rollout.weight_sync import (
     BackgroundLoop,
     BroadcastTransport,
+    Colocation,
+    ServerPlacement,
     TensorTransport,
+    WeightSyncError,
     is_sender,
     sync_weights,
 )
@@ -49,64 +59,141 @@ from tests.parallel.tiny_models import save_tiny_checkpoint, tiny_config, tiny_h
 
 pytestmark = pytest.mark.slow
 
-DIMS = ParallelDims(tp=2, pp=2)
+TP2_PP2, TP2_DP2 = ParallelDims(tp=2, pp=2), ParallelDims(tp=2)
 CONFIG = tiny_config("qwen2", tie=True)  # q/k/v biases, GQA, tied embeddings; one layer per stage
 BUCKET_BYTES = 4096  # several buckets per stage
 LOGPROB_TOLERANCE = 1e-4  # fp32 everywhere
 PROMPTS = ((3, 14, 15, 9, 26), (53, 58, 96, 2))
-# The engine's starting weights (seed 0) and, per sync, the policy pushed to it.
-POLICIES = {"start": 0, "tp2pp2-per-tensor": 1, "tp2pp2-flattened": 2, "tp2dp2-flattened": 3, "broadcast": 4}
-# Tensor-path syncs, in this order (each pushes a new policy and version): name -> (dims, load format)
-TENSOR_SYNCS = {
-    "tp2pp2-per-tensor": (DIMS, None),
-    "tp2pp2-flattened": (DIMS, FLATTENED_BUCKET),
-    "tp2dp2-flattened": (ParallelDims(tp=2), FLATTENED_BUCKET),  # the second replica sends nothing
-}
 EXPECTED_TENSORS = sum(len(entry.hf) for entry in HFMapping(ModelDims.from_hf_config(CONFIG)).tensors)
+
+# The simulated nodes: where each rank runs, and which rank shares each engine's GPU.
+NODE_OF_RANK, GPU_OF_RANK = ("node0", "node0", "node1", "node1"), (0, 1, 0, 1)
+ENGINE_GPUS = (("node0", 0), ("node1", 1))
+ENGINE_RANKS = (0, 3)
+
+# The engines' starting weights (seed 0) and, per sync, the policy pushed to them.
+POLICY_NAMES = ("start", "one-node-per-tensor", "one-node-flattened", "one-node-dp", "two-nodes-pp")
+POLICY_NAMES += ("two-nodes-dp", "recorders", "broadcast-a", "broadcast-b", "broadcast-c", "after-failure")
+POLICIES = {name: seed for seed, name in enumerate(POLICY_NAMES)}
 
 
 @dataclass(frozen=True)
 class Push:
-    hf_dir: Path
-    url: str
+    """Syncs to run in a row, through one transport, then sampling from every engine."""
+
+    kind: str  # "one-node", "two-nodes" or "broadcast"
     dims: ParallelDims
     load_format: str | None
-    weight_version: int
+    syncs: tuple[tuple[Path, int], ...]  # (policy checkpoint, weight version)
+    urls: tuple[str, ...]
+
+
+def make_transport(kind: str, load_format: str | None, urls, server_gpus=ENGINE_GPUS, tp_size: int = 1):
+    """Every rank: the transport of `kind` (a colocation over the simulated nodes is a collective); the
+    colocated servers start at `server_gpus` (node, GPU)."""
+    if kind == "one-node":
+        return TensorTransport(num_servers=len(urls), load_format=load_format)
+    if kind == "broadcast":
+        return BroadcastTransport(
+            urls, load_format=load_format, backend="gloo", timeout=timedelta(seconds=60)
+        )
+    servers = [
+        ServerPlacement(url, node, gpu, tp_size) for url, (node, gpu) in zip(urls, server_gpus, strict=True)
+    ]
+    colocation = Colocation.from_placement(servers, NODE_OF_RANK, GPU_OF_RANK)
+    return TensorTransport(engine_tp_size=tp_size, load_format=load_format, colocation=colocation)
+
+
+def payload_pids(payload: str) -> set[int]:
+    """The processes whose shared memory a payload names (torch's /dev/shm files are /torch_<pid>_...)."""
+    return {int(pid) for pid in re.findall(rb"/torch_(\d+)_", base64.b64decode(payload))}
+
+
+class RecordingClient(SGLangClient):
+    """The engine client, noting which server each payload list went to and which processes made it."""
+
+    def __init__(self, urls):
+        super().__init__(urls)
+        self.posts: list[tuple[str | None, list[set[int]]]] = []
+
+    async def update_weights_from_tensor(self, serialized_named_tensors, *, url=None, **kwargs):
+        self.posts.append((url, [payload_pids(payload) for payload in serialized_named_tensors]))
+        await super().update_weights_from_tensor(serialized_named_tensors, url=url, **kwargs)
+
+
+def load_policy(model, config, hf_dir: Path, pg) -> None:
+    load_hf_weights(model, config, SafetensorsDir(hf_dir).get, pg)
 
 
 def push_and_sample(push: Push) -> dict:
-    """Every rank: load the policy, sync it into the engine; then sample from the engine (rank 0, over HTTP)
-    and score the samples with the Megatron model."""
+    """Every rank: build the model, then `push_into`."""
     pg = init_parallel(push.dims)
-    config = read_config(push.hf_dir)
-    model = build_gpt_model(config, push.dims, pg)
-    load_hf_weights(model, config, SafetensorsDir(push.hf_dir).get, pg)
-    client = SGLangClient([push.url])
+    config = read_config(push.syncs[0][0])
+    return push_into(build_gpt_model(config, push.dims, pg), config, pg, push)
+
+
+def push_into(model, config, pg, push: Push) -> dict:
+    """Every rank: load each policy and sync it; then rank 0 samples from each engine over HTTP, and every
+    rank scores the samples with the Megatron model."""
+    transport = make_transport(push.kind, push.load_format, push.urls)
+    client = RecordingClient(push.urls)
+    sender = is_sender(pg, transport)
+    reports = []
     with BackgroundLoop() as loop:
-        report = sync_weights(
-            model,
-            config,
-            pg,
-            TensorTransport(load_format=push.load_format),
-            client if is_sender(pg) else None,
-            loop.loop,
-            weight_version=push.weight_version,
-            dtype=torch.float32,
-            bucket_bytes=BUCKET_BYTES,
-        )
-        completions = [loop.run(_sample(client))] if dist.get_rank() == 0 else [None]
+        for hf_dir, version in push.syncs:
+            load_policy(model, config, hf_dir, pg)
+            reports.append(
+                sync_weights(
+                    model,
+                    config,
+                    pg,
+                    transport,
+                    client if sender else None,
+                    loop.loop,
+                    weight_version=version,
+                    dtype=torch.float32,
+                    bucket_bytes=BUCKET_BYTES,
+                )
+            )
+        if isinstance(transport, BroadcastTransport):
+            transport.close(client if sender else None, loop.loop)
+        samples = [loop.run(sample_each(push.urls)) if dist.get_rank() == 0 else None]
         loop.run(client.close())
-    dist.broadcast_object_list(completions, src=0)
-    samples = [Sample(list(prompt) + c.token_ids, len(prompt)) for prompt, c in completions[0]]
-    scored = forward_logprobs(
-        model, [pack(samples, list(range(len(samples))))], TokenDistribution(config["vocab_size"]), pg
-    )
-    return {"report": report, "completions": completions[0], "megatron": [lp for lp, _ in scored]}
+    dist.broadcast_object_list(samples, src=0)
+    return {
+        "reports": reports,
+        "samples": samples[0],
+        "megatron": score(model, config, pg, samples[0]),
+        "posts": client.posts,
+        "pid": os.getpid(),
+    }
 
 
-async def _sample(client: SGLangClient) -> list:
+async def sample_each(urls) -> dict[str, list]:
+    """Per engine, (prompt, completion) pairs sampled from it."""
     params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
-    return [(prompt, c) for prompt in PROMPTS for c in await client.generate(prompt, params, n=2)]
+    samples = {}
+    for url in urls:
+        async with SGLangClient([url]) as client:
+            samples[url] = [
+                (prompt, c) for prompt in PROMPTS for c in await client.generate(prompt, params, n=2)
+            ]
+    return samples
+
+
+def score(model, config, pg, samples: dict[str, list]) -> dict[str, list[torch.Tensor]]:
+    """The Megatron model's log-probs of every engine's samples."""
+    flat = [
+        (url, Sample(list(prompt) + c.token_ids, len(prompt)))
+        for url in samples
+        for prompt, c in samples[url]
+    ]
+    batch = pack([sample for _, sample in flat], list(range(len(flat))))
+    scored = forward_logprobs(model, [batch], TokenDistribution(config["vocab_size"]), pg)
+    by_url: dict[str, list[torch.Tensor]] = {url: [] for url in samples}
+    for (url, _), (logprobs, _) in zip(flat, scored, strict=True):
+        by_url[url].append(logprobs)
+    return by_url
 
 
 @pytest.fixture(scope="module")
@@ -127,19 +214,23 @@ def hf_models(checkpoints):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoints, tmp_path_factory):
-    spec = ServerSpec(
-        model_path=str(checkpoints["start"]),
-        port=free_port(),
-        engine="cpu",
-        random_seed=0,
-        log_file=str(tmp_path_factory.mktemp("engine_log") / "cpu_engine.log"),
-        extra_args=("--skip-tokenizer-init",),
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    pool = ServerPool([spec], start_timeout_s=180)
+def engines(checkpoints, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("engine_logs")
+    specs = [
+        ServerSpec(
+            model_path=str(checkpoints["start"]),
+            port=free_port(),
+            engine="cpu",
+            random_seed=index,
+            log_file=str(logs / f"cpu_engine_{index}.log"),
+            extra_args=("--skip-tokenizer-init",),
+            env={"OMP_NUM_THREADS": "1"},
+        )
+        for index in range(2)
+    ]
+    pool = ServerPool(specs, start_timeout_s=180)
     asyncio.run(pool.start())
-    yield pool
+    yield tuple(pool.urls)
     pool.stop()
 
 
@@ -149,190 +240,183 @@ def pool():
         yield p
 
 
-@pytest.mark.parametrize("name", list(TENSOR_SYNCS))
-def test_engine_samples_from_the_synced_policy(pool, engine, checkpoints, hf_models, name):
-    dims, load_format = TENSOR_SYNCS[name]
-    version = list(TENSOR_SYNCS).index(name) + 1
-    results = pool.run(push_and_sample, Push(checkpoints[name], engine.urls[0], dims, load_format, version))
+def check_engines_serve(result: dict, policy, start, version: int) -> None:
+    """Every engine's samples: of `version`, with the policy's log-probs, by the engine and by Megatron."""
+    for url, samples in result["samples"].items():
+        for (prompt, completion), megatron in zip(samples, result["megatron"][url], strict=True):
+            assert completion.weight_version == version and completion.token_ids
+            want = _logprobs(policy, prompt, completion.token_ids)
+            engine_logprobs = torch.tensor(completion.logprobs, dtype=torch.float64)
+            torch.testing.assert_close(engine_logprobs, want, atol=LOGPROB_TOLERANCE, rtol=0)
+            torch.testing.assert_close(megatron.double(), want, atol=LOGPROB_TOLERANCE, rtol=0)
+            before = _logprobs(start, prompt, completion.token_ids)
+            assert (before - want).abs().max() > 1e-2  # the engines' starting weights would not have passed
 
-    report = results[0]["report"]
-    assert all(result["report"].stages == report.stages for result in results)  # the same on every rank
-    assert [stage.stage for stage in report.stages] == list(range(dims.pp))
-    assert all(stage.buckets > 1 for stage in report.stages)
-    assert report.tensors == EXPECTED_TENSORS  # each tensor once: the last stage's tied copy is not sent
 
-    policy, start = hf_models[name], hf_models["start"]
-    for (prompt, completion), megatron in zip(results[0]["completions"], results[0]["megatron"], strict=True):
-        assert completion.weight_version == version and completion.token_ids
-        want = _logprobs(policy, prompt, completion.token_ids)
-        engine_logprobs = torch.tensor(completion.logprobs, dtype=torch.float64)
-        torch.testing.assert_close(engine_logprobs, want, atol=LOGPROB_TOLERANCE, rtol=0)
-        torch.testing.assert_close(megatron.double(), want, atol=LOGPROB_TOLERANCE, rtol=0)
-        before = _logprobs(start, prompt, completion.token_ids)
-        assert (before - want).abs().max() > 1e-2  # the engine's starting weights would not have passed
+def check_reports(results: list[dict], dims: ParallelDims) -> None:
+    for report_index, report in enumerate(results[0]["reports"]):
+        assert all(result["reports"][report_index].stages == report.stages for result in results)  # all alike
+        assert [stage.stage for stage in report.stages] == list(range(dims.pp))
+        assert all(stage.buckets > 1 for stage in report.stages)
+        assert report.tensors == EXPECTED_TENSORS  # each tensor once: the last stage's tied copy is not sent
 
 
 def _logprobs(model, prompt, tokens) -> torch.Tensor:
     return torch.tensor(reference_logprobs(model, prompt, tokens, temperature=1.0), dtype=torch.float64)
 
 
-# ---------------------------------------------------------------- broadcast to stand-in SGLang server ranks
+# ---------------------------------------------------------------- one node: stage senders
 
-# One TP rank of an SGLang server, as its weight updater behaves: join the group as init_custom_process_group
-# does, then per request receive per tensor, or one uint8 buffer of all the bytes (flattened bucket).
-_SERVER_RANK = """
-import json, sys
-from datetime import timedelta
-import torch, torch.distributed as dist
-from torch.distributed.distributed_c10d import _new_process_group_helper, _world, rendezvous
-
-address, port, world_size, rank, group_name, backend, out = sys.argv[1:]
-timeout = timedelta(seconds=60)
-rendezvous_url = f"tcp://{address}:{port}"
-store, rank, world_size = next(rendezvous(rendezvous_url, int(rank), int(world_size), timeout=timeout))
-store.set_timeout(timeout)
-store = dist.PrefixStore(group_name, store)
-group, _ = _new_process_group_helper(
-    world_size, rank, [], dist.Backend(backend), store, group_name=group_name, timeout=timeout
-)
-_world.pg_group_ranks[group] = {r: r for r in range(world_size)}
-print("joined", flush=True)
-received = {}
-for line in sys.stdin:
-    request = json.loads(line)
-    if request is None:
-        break
-    tensors = [torch.empty(s, dtype=getattr(torch, d)) for s, d in zip(request["shapes"], request["dtypes"])]
-    if request["load_format"] == "flattened_bucket":
-        flat = torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8)
-        dist.broadcast(flat, src=0, group=group)
-        offset = 0
-        for t in tensors:
-            t.view(-1).view(torch.uint8).copy_(flat[offset : offset + t.numel() * t.element_size()])
-            offset += t.numel() * t.element_size()
-    else:
-        for t in tensors:
-            dist.broadcast(t, src=0, group=group)
-    received.setdefault(request["weight_version"], []).extend(zip(request["names"], tensors))
-    print("loaded", flush=True)
-dist.destroy_process_group(group)
-torch.save(received, out)
-print("destroyed", flush=True)
-"""
+# name -> (dims, load format); each pushes its own policy, as the next weight version
+ONE_NODE = {
+    "one-node-per-tensor": (TP2_PP2, None),
+    "one-node-flattened": (TP2_PP2, FLATTENED_BUCKET),
+    "one-node-dp": (TP2_DP2, FLATTENED_BUCKET),
+}
 
 
-class StandInServer:
-    """The weight-update calls of one SGLang server of `tp_size` GPUs, each GPU a `_SERVER_RANK` process."""
-
-    def __init__(self, tp_size: int, workdir: Path):
-        self.tp_size, self.workdir = tp_size, workdir
-        self.ranks: list[subprocess.Popen] = []
-        self.received: list[dict] = []  # per server rank: weight version -> [(name, tensor)]
-
-    async def init_weights_update_group(
-        self, url, *, master_address, master_port, rank_offset, world_size, group_name, backend
-    ):
-        for rank in range(rank_offset, rank_offset + self.tp_size):
-            args = [master_address, master_port, world_size, rank, group_name, backend, self._out(rank)]
-            command = [sys.executable, "-c", _SERVER_RANK, *map(str, args)]
-            self.ranks.append(
-                subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            )
-        await asyncio.to_thread(self._expect, "joined")
-
-    async def update_weights_from_distributed(
-        self, names, dtypes, shapes, *, weight_version, group_name, load_format=None, flush_cache=True
-    ):
-        request = {"names": names, "dtypes": dtypes, "shapes": shapes, "load_format": load_format}
-        self._tell({**request, "weight_version": weight_version})
-        await asyncio.to_thread(self._expect, "loaded")
-
-    async def destroy_weights_update_group(self, group_name):
-        self._tell(None)
-        await asyncio.to_thread(self._expect, "destroyed")
-        for rank, process in enumerate(self.ranks, start=1):
-            process.wait(timeout=30)
-            self.received.append(torch.load(self._out(rank)))
-
-    def _out(self, rank: int) -> str:
-        return str(self.workdir / f"rank{rank}.pt")
-
-    def _tell(self, message) -> None:
-        for process in self.ranks:
-            process.stdin.write(json.dumps(message) + "\n")
-            process.stdin.flush()
-
-    def _expect(self, word: str) -> None:
-        for process in self.ranks:
-            line = process.stdout.readline().strip()
-            if line != word:
-                raise RuntimeError(
-                    f"stand-in server rank answered {line!r} (exit code {process.poll()}), not {word}"
-                )
-
-
-# Per transport (load format): the weight versions synced through its groups, which live across syncs.
-BROADCAST_SYNCS = {None: (1, 2), FLATTENED_BUCKET: (3,)}
-
-
-def push_by_broadcast(hf_dir: Path, workdir: Path) -> list[dict]:
-    """Every rank: sync the policy through one group per stage, to a server of two stand-in ranks."""
-    pg = init_parallel(DIMS)
-    config = read_config(hf_dir)
-    model = build_gpt_model(config, DIMS, pg)
-    load_hf_weights(model, config, SafetensorsDir(hf_dir).get, pg)
-    results = []
-    with BackgroundLoop() as loop:
-        for load_format, versions in BROADCAST_SYNCS.items():
-            transport = BroadcastTransport(
-                ["http://stand-in"],
-                engine_tp_size=2,
-                load_format=load_format,
-                backend="gloo",
-                timeout=timedelta(seconds=60),
-            )
-            server = None
-            if is_sender(pg):
-                server = StandInServer(tp_size=2, workdir=workdir / f"{load_format}-stage{pg.pp.rank()}")
-                server.workdir.mkdir(parents=True)
-            reports = [
-                sync_weights(
-                    model,
-                    config,
-                    pg,
-                    transport,
-                    server,
-                    loop.loop,
-                    weight_version=version,
-                    dtype=torch.float32,
-                    bucket_bytes=BUCKET_BYTES,
-                )
-                for version in versions
-            ]
-            transport.close(server, loop.loop)
-            results.append({"reports": reports, "received": server.received if server else None})
-    return results
-
-
-def test_broadcast_reaches_every_server_rank_from_every_stage(pool, checkpoints, hf_models, tmp_path):
-    results = pool.run(push_by_broadcast, checkpoints["broadcast"], tmp_path)
-    policy = hf_models["broadcast"].state_dict()
-    expected = sorted(
-        name for entry in HFMapping(ModelDims.from_hf_config(CONFIG)).tensors for name in entry.hf
+@pytest.mark.parametrize("name", list(ONE_NODE))
+def test_one_node_stage_senders_reach_every_engine(pool, engines, checkpoints, hf_models, name):
+    dims, load_format = ONE_NODE[name]
+    version = list(POLICIES).index(name)
+    results = pool.run(
+        push_and_sample, Push("one-node", dims, load_format, ((checkpoints[name], version),), engines)
     )
-    senders = [rank_results for rank_results in results if rank_results[0]["received"] is not None]
-    assert len(senders) == 2  # one per stage
-    for index, versions in enumerate(BROADCAST_SYNCS.values()):
-        for result in results:
-            assert [report.tensors for report in result[index]["reports"]] == [EXPECTED_TENSORS] * len(
-                versions
-            )
-        for server_rank in range(2):
-            for version in versions:
-                # Together the two stages' senders sent every tensor exactly once, to each server rank.
-                named = [
-                    pair for sender in senders for pair in sender[index]["received"][server_rank][version]
-                ]
-                assert sorted(name for name, _ in named) == expected
-                for name, tensor in named:
-                    assert torch.equal(tensor, policy[name]), name
+    check_reports(results, dims)
+    check_engines_serve(results[0], hf_models[name], hf_models["start"], version)
+    senders = [rank for rank, result in enumerate(results) if result["posts"]]
+    assert senders == ([0, 2] if dims.pp == 2 else [0])  # TP rank 0 of each stage, first replica
+    assert all(url is None for result in results for url, _ in result["posts"])  # to every engine at once
+
+
+# ---------------------------------------------------------------- two simulated nodes: colocated
+
+
+@pytest.mark.parametrize("name", ["two-nodes-pp", "two-nodes-dp"])
+def test_two_nodes_each_engine_fed_from_its_own_gpu(pool, engines, checkpoints, hf_models, name):
+    dims = TP2_PP2 if name == "two-nodes-pp" else TP2_DP2
+    version = list(POLICIES).index(name)
+    push = Push("two-nodes", dims, FLATTENED_BUCKET, ((checkpoints[name], version),), engines)
+    results = pool.run(push_and_sample, push)
+    check_reports(results, dims)
+    check_engines_serve(results[0], hf_models[name], hf_models["start"], version)
+    for rank, result in enumerate(results):
+        if rank not in ENGINE_RANKS:
+            assert result["posts"] == []
+            continue
+        url = engines[ENGINE_RANKS.index(rank)]
+        assert result["posts"] and all(post == (url, [{result["pid"]}]) for post in result["posts"])
+        assert NODE_OF_RANK[rank] == ENGINE_GPUS[ENGINE_RANKS.index(rank)][0]
+
+
+class Recorder:
+    """A server of TP size 2 in the poster's process: loads every TP rank's payload and notes its maker."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, list[set[int]], list[dict[str, torch.Tensor]]]] = []
+
+    async def update_weights_from_tensor(self, payloads, *, weight_version, load_format, flush_cache, url):
+        pids = [payload_pids(payload) for payload in payloads]
+        loaded = [dict(deserialize_named_tensors(payload, load_format)) for payload in payloads]
+        self.calls.append((url, pids, loaded))
+
+
+def push_to_recorders(hf_dir: Path, urls) -> dict:
+    pg = init_parallel(TP2_PP2)
+    config = read_config(hf_dir)
+    model = build_gpt_model(config, TP2_PP2, pg)
+    load_policy(model, config, hf_dir, pg)
+    transport = make_transport("two-nodes", FLATTENED_BUCKET, urls, (("node0", 0), ("node1", 0)), tp_size=2)
+    recorder = Recorder() if is_sender(pg, transport) else None
+    with BackgroundLoop() as loop:
+        sync_weights(
+            model, config, pg, transport, recorder, loop.loop, weight_version=1, dtype=torch.float32,
+            bucket_bytes=BUCKET_BYTES,
+        )  # fmt: skip
+    return {"calls": recorder.calls if recorder else None, "pid": os.getpid()}
+
+
+def test_two_nodes_each_server_tp_rank_fed_from_its_own_gpu(pool, checkpoints, hf_models):
+    urls = ("http://tp2-server-a", "http://tp2-server-b")  # on GPUs 0-1 of node0, and of node1
+    results = pool.run(push_to_recorders, checkpoints["recorders"], urls)
+    policy = hf_models["recorders"].state_dict()
+    pids = [result["pid"] for result in results]
+    posters = [rank for rank, result in enumerate(results) if result["calls"] is not None]
+    assert posters == [0, 2]  # the rank on each server's first GPU
+    for poster, url in zip(posters, urls, strict=True):
+        calls = results[poster]["calls"]
+        assert len(calls) > 2 and {call_url for call_url, _, _ in calls} == {url}
+        for _, call_pids, loaded in calls:
+            assert call_pids == [{pids[poster]}, {pids[poster + 1]}]  # TP rank j: the copy on GPU j
+            assert all(torch.equal(loaded[1][name], tensor) for name, tensor in loaded[0].items())
+        received = {name: tensor for _, _, loaded in calls for name, tensor in loaded[0].items()}
+        assert sum(len(loaded[0]) for _, _, loaded in calls) == len(received) == EXPECTED_TENSORS
+        for name, tensor in received.items():
+            assert torch.equal(tensor, policy[name]), name
+
+
+# ---------------------------------------------------------------- broadcast to both engines
+
+
+def test_broadcast_reaches_both_engines_from_every_stage(pool, engines, checkpoints, hf_models):
+    per_tensor = ((checkpoints["broadcast-a"], 21), (checkpoints["broadcast-b"], 22))  # the groups live on
+    results = pool.run(push_and_sample, Push("broadcast", TP2_PP2, None, per_tensor, engines))
+    check_reports(results, TP2_PP2)
+    check_engines_serve(results[0], hf_models["broadcast-b"], hf_models["start"], 22)
+
+    flattened = ((checkpoints["broadcast-c"], 23),)
+    results = pool.run(push_and_sample, Push("broadcast", TP2_PP2, FLATTENED_BUCKET, flattened, engines))
+    check_reports(results, TP2_PP2)
+    check_engines_serve(results[0], hf_models["broadcast-c"], hf_models["start"], 23)
+
+
+# ---------------------------------------------------------------- failures
+
+
+def fail_then_recover(hf_dir: Path, recovery_dir: Path, urls) -> dict:
+    """Every rank: with engine 1's weights released, a sync through each transport; then, engine 1 back,
+    a broadcast sync and samples."""
+    pg = init_parallel(TP2_PP2)
+    config = read_config(hf_dir)
+    model = build_gpt_model(config, TP2_PP2, pg)
+    load_policy(model, config, hf_dir, pg)
+    errors = {}
+    with BackgroundLoop() as loop:
+        if dist.get_rank() == 0:
+            loop.run(_on_engine(urls[1], "release_memory"))
+        dist.barrier()
+        for kind in ("one-node", "two-nodes", "broadcast"):
+            transport = make_transport(kind, FLATTENED_BUCKET, urls)
+            client = SGLangClient(urls) if is_sender(pg, transport) else None
+            try:
+                sync_weights(
+                    model, config, pg, transport, client, loop.loop, weight_version=30, dtype=torch.float32,
+                    bucket_bytes=BUCKET_BYTES,
+                )  # fmt: skip
+            except WeightSyncError as error:
+                errors[kind] = str(error)
+            if kind == "broadcast":
+                transport.close(client, loop.loop)  # the failed groups were dropped already
+            if client is not None:
+                loop.run(client.close())
+        if dist.get_rank() == 0:
+            loop.run(_on_engine(urls[1], "resume_memory"))
+        dist.barrier()
+    recovery = Push("broadcast", TP2_PP2, FLATTENED_BUCKET, ((recovery_dir, 31),), urls)
+    return {"errors": errors, **push_into(model, config, pg, recovery)}
+
+
+async def _on_engine(url: str, method: str) -> None:
+    async with SGLangClient([url]) as client:
+        await getattr(client, method)()
+
+
+def test_a_refusing_engine_fails_the_sync_on_every_rank(pool, engines, checkpoints, hf_models):
+    results = pool.run(fail_then_recover, checkpoints["start"], checkpoints["after-failure"], engines)
+    for kind in ("one-node", "two-nodes", "broadcast"):
+        message = results[0]["errors"].get(kind)
+        assert message is not None and all(result["errors"][kind] == message for result in results), kind
+        assert "weight sync to version 30 failed" in message and engines[1] in message, message
+        assert "weights are released" in message, message
+    assert "(rank 3)" in results[0]["errors"]["two-nodes"]  # engine 1's own rank; the others went on
+    check_engines_serve(results[0], hf_models["after-failure"], hf_models["start"], 31)

@@ -1,6 +1,8 @@
-"""Weight payloads of /update_weights_from_tensor: both load formats, SGLang-built buckets, refused pickles.
+"""Weight payloads of /update_weights_from_tensor: both load formats, SGLang-built buckets, refused pickles;
+and the byte layout of a flattened bucket broadcast to /update_weights_from_distributed.
 
 Cross-process loading (the real use) is covered by tests/e2e/test_cpu_engine.py; these run in one process.
+CUDA payloads (GPU UUIDs) are covered by tests/gpu/test_weight_sync_gpu.py.
 """
 
 import base64
@@ -18,9 +20,12 @@ import torch
 
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET, ProtocolError
 from megatron_dapo.rollout.weight_payload import (
+    concat_bytes,
+    concat_bytes_size,
     deserialize_named_tensors,
     serialize_flattened_bucket,
     serialize_named_tensors,
+    split_bytes,
 )
 
 
@@ -172,3 +177,30 @@ def test_shared_memory_is_freed_once_loaded_tensors_are_dropped():
     weight = torch.randn(10)
     serialize_named_tensors([("w", weight)])
     assert not weight.is_shared()
+
+
+def test_broadcast_bytes_round_trip_unaligned_mixed_dtypes():
+    named = _named_tensors(torch.Generator().manual_seed(2))
+    flat = concat_bytes([tensor for _, tensor in named])
+    shapes, dtypes = [list(t.shape) for _, t in named], [t.dtype for _, t in named]
+    assert flat.dtype == torch.uint8 and flat.numel() == concat_bytes_size(shapes, dtypes)
+    expected = sum(t.numel() * t.element_size() for _, t in named)
+    assert flat.numel() == expected  # unpadded, as SGLang's receivers slice it
+    _assert_same(list(zip([n for n, _ in named], split_bytes(flat, shapes, dtypes), strict=True)), named)
+
+
+@pytest.mark.parametrize("serialize", [serialize_named_tensors, serialize_flattened_bucket])
+def test_a_payload_loads_once_per_receiver_it_was_made_for(serialize):
+    """Several servers (or TP ranks) load one CPU payload: each load releases one of the sender's holds."""
+    prefix = f"torch_{os.getpid()}_"
+    before = {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
+    load_format = FLATTENED_BUCKET if serialize is serialize_flattened_bucket else None
+    named = [("w", torch.randn(50))]
+    payload = serialize(named, receivers=2)
+    for _ in range(2):  # one receiver after the other, the first done before the second opens the files
+        _assert_same(deserialize_named_tensors(payload, load_format), named)
+    assert {name for name in os.listdir("/dev/shm") if name.startswith(prefix)} == before
+    with pytest.raises(ProtocolError, match="cannot decode"):  # a third receiver was not provided for
+        deserialize_named_tensors(payload, load_format)
+    with pytest.raises(ValueError, match="receivers"):
+        serialize(named, receivers=0)

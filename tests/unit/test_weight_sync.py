@@ -1,14 +1,14 @@
 """Weight sync at TP=1/PP=1, in one process: the engine side is the CPU engine's own payload decoding and
 weight loading (weight_payload + ModelRunner), without its HTTP server (tests/parallel drives the real one).
+Also the placement of colocated servers (which training rank shares which server GPU), a pure function.
 """
 
 import asyncio
+import socket
 from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
-from torch.multiprocessing import reductions
 
 from megatron_dapo.checkpoint.hf_mapping import HFMapping, ModelDims
 from megatron_dapo.data.packing import pack
@@ -17,16 +17,22 @@ from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.parallel.state import ParallelDims
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
+from megatron_dapo.rollout.engine import EngineRequestError
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
-from megatron_dapo.rollout.weight_payload import deserialize_named_tensors, serialize_named_tensors
+from megatron_dapo.rollout.weight_payload import deserialize_named_tensors
 from megatron_dapo.rollout.weight_sync import (
     BackgroundLoop,
     BroadcastTransport,
+    Colocation,
+    ServerPlacement,
     StageReport,
     SyncReport,
     TensorTransport,
-    _cuda_devices_as_uuids,
+    WeightSyncError,
     buckets,
+    is_sender,
+    node_name,
+    servers_from_urls,
     sync_weights,
 )
 from megatron_dapo.trainer.train_step import forward_logprobs
@@ -49,6 +55,7 @@ class Call:
     weight_version: int
     load_format: str | None
     flush_cache: bool
+    url: str | None
 
 
 class InProcessEngine:
@@ -64,7 +71,12 @@ class InProcessEngine:
         named = deserialize_named_tensors(serialized_named_tensors[0], load_format)
         self.runner.load_weights(named)
         call = Call(
-            [n for n, _ in named], len(serialized_named_tensors), weight_version, load_format, flush_cache
+            [n for n, _ in named],
+            len(serialized_named_tensors),
+            weight_version,
+            load_format,
+            flush_cache,
+            url,
         )
         self.calls.append(call)
 
@@ -82,10 +94,11 @@ def engine_loop():
 
 
 CASES = {
-    # model, load format, bucket bytes, engine TP size, dtype of the sync
-    "qwen2-per-tensor": ("qwen2", None, 4096, 1, torch.float32),
-    "qwen3-tied-flattened": ("qwen3-tied", FLATTENED_BUCKET, 16384, 2, torch.float32),
-    "llama-flattened-bf16": ("llama", FLATTENED_BUCKET, 8192, 1, torch.bfloat16),
+    # model, load format, bucket bytes, engine TP size, dtype of the sync, colocated server (every-rank path)
+    "qwen2-per-tensor": ("qwen2", None, 4096, 1, torch.float32, False),
+    "qwen3-tied-flattened": ("qwen3-tied", FLATTENED_BUCKET, 16384, 2, torch.float32, False),
+    "llama-flattened-bf16": ("llama", FLATTENED_BUCKET, 8192, 1, torch.bfloat16, False),
+    "qwen2-colocated": ("qwen2", FLATTENED_BUCKET, 4096, 1, torch.float32, True),
 }
 CONFIGS = {
     "qwen2": tiny_config("qwen2"),
@@ -96,18 +109,22 @@ CONFIGS = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_gets_the_megatron_weights(groups, engine_loop, tmp_path, case):
-    model_type, load_format, bucket_bytes, engine_tp, dtype = CASES[case]
+    model_type, load_format, bucket_bytes, engine_tp, dtype, colocated = CASES[case]
     config = CONFIGS[model_type]
     engine = InProcessEngine(save_tiny_checkpoint(tiny_hf_model(config, seed=0), tmp_path / "start"))
     trained = tiny_hf_model(config, seed=1)  # what the policy has become: every tensor differs
     model = build_gpt_model(config, ParallelDims(), groups)
     load_hf_weights(model, config, trained.state_dict().__getitem__, groups)
+    server = ServerPlacement("http://node-a:30000", "node-a", base_gpu_id=0, tp_size=engine_tp)
+    colocation = Colocation.from_placement([server], ["node-a"], [0]) if colocated else None
+    transport = TensorTransport(engine_tp_size=engine_tp, load_format=load_format, colocation=colocation)
+    assert is_sender(groups, transport)
 
     report = sync_weights(
         model,
         config,
         groups,
-        TensorTransport(engine_tp_size=engine_tp, load_format=load_format),
+        transport,
         engine,
         engine_loop.loop,
         weight_version=7,
@@ -127,6 +144,8 @@ def test_engine_gets_the_megatron_weights(groups, engine_loop, tmp_path, case):
     assert {(call.weight_version, call.payloads, call.load_format) for call in engine.calls} == {
         (7, engine_tp, load_format)
     }
+    # One node: every server at once; colocated: each server from the rank on its first GPU.
+    assert {call.url for call in engine.calls} == {server.url if colocated else None}
     assert report.tensors == len(sent) and len(report.stages) == 1
     assert report.bytes == sum(trained.state_dict()[name].numel() for name in expected) * dtype.itemsize
 
@@ -141,6 +160,38 @@ def test_engine_gets_the_megatron_weights(groups, engine_loop, tmp_path, case):
                 got, _ = hf_response_logprobs(engine.runner.model, sample)
             torch.testing.assert_close(got, want, atol=LOGPROB_TOLERANCE, rtol=0)
             torch.testing.assert_close(megatron_logprobs, want, atol=LOGPROB_TOLERANCE, rtol=0)
+
+
+class RefusingEngine(InProcessEngine):
+    """Loads buckets until the `refuse_at`-th call, which it answers as a server refusing it."""
+
+    def __init__(self, model_dir, refuse_at: int):
+        super().__init__(model_dir)
+        self.refuse_at = refuse_at
+
+    async def update_weights_from_tensor(self, serialized_named_tensors, **kwargs):
+        if len(self.calls) + 1 == self.refuse_at:
+            self.calls.append(None)
+            raise EngineRequestError(
+                kwargs.get("url") or "http://engine", "/update", 400, "weights are released"
+            )
+        await super().update_weights_from_tensor(serialized_named_tensors, **kwargs)
+
+
+@pytest.mark.parametrize("colocated", [False, True])
+def test_a_refused_bucket_fails_the_sync_and_ends_the_sending(groups, engine_loop, tmp_path, colocated):
+    config = CONFIGS["qwen2"]
+    engine = RefusingEngine(save_tiny_checkpoint(tiny_hf_model(config), tmp_path / "engine"), refuse_at=2)
+    model = build_gpt_model(config, ParallelDims(), groups)
+    server = ServerPlacement("http://node-a:30000", "node-a", base_gpu_id=0, tp_size=1)
+    colocation = Colocation.from_placement([server], ["node-a"], [0]) if colocated else None
+    transport = TensorTransport(colocation=colocation)
+    with pytest.raises(WeightSyncError, match=r"version 3 failed: stage 0: EngineRequestError: .*released"):
+        sync_weights(
+            model, config, groups, transport, engine, engine_loop.loop, weight_version=3, dtype=torch.float32,
+            bucket_bytes=4096,
+        )  # fmt: skip
+    assert len(engine.calls) == 2  # nothing is sent after the refusal
 
 
 def test_buckets_hold_at_most_the_size_and_a_large_tensor_alone():
@@ -186,6 +237,8 @@ def test_bad_arguments_are_named(groups, engine_loop, tmp_path):
         TensorTransport(load_format="safetensors")
     with pytest.raises(ValueError, match="engine_tp_size"):
         TensorTransport(engine_tp_size=0)
+    with pytest.raises(ValueError, match="num_servers"):
+        TensorTransport(num_servers=0)
     with pytest.raises(ValueError, match="server_urls"):
         BroadcastTransport("http://127.0.0.1:30000")
 
@@ -203,12 +256,49 @@ def test_bad_arguments_are_named(groups, engine_loop, tmp_path):
     assert engine.calls == []
 
 
-def test_uuid_pickling_leaves_cpu_tensors_and_the_registry_alone():
-    before = dict(ForkingPickler._extra_reducers)
-    named = [("a", torch.randn(3, 4)), ("b", torch.arange(5))]
-    with _cuda_devices_as_uuids():
-        assert ForkingPickler._extra_reducers[torch.Tensor] is not reductions.reduce_tensor
-        payload = serialize_named_tensors(named)
-    assert ForkingPickler._extra_reducers == before
-    for (name, tensor), (got_name, got) in zip(named, deserialize_named_tensors(payload, None), strict=True):
-        assert name == got_name and torch.equal(tensor, got)
+def test_servers_are_placed_as_the_slurm_launch_starts_them():
+    urls = ["http://gpu-1:30000", "http://gpu-1:30001/", "http://GPU-2.cluster.local:30001"]
+    assert servers_from_urls(urls, base_port=30000, server_tp=4) == [
+        ServerPlacement("http://gpu-1:30000", "gpu-1", 0, 4),
+        ServerPlacement("http://gpu-1:30001", "gpu-1", 4, 4),
+        ServerPlacement("http://GPU-2.cluster.local:30001", "gpu-2", 4, 4),
+    ]
+    with pytest.raises(ValueError, match="names no node"):
+        servers_from_urls(["http://127.0.0.1:30000"], base_port=30000, server_tp=1)
+    with pytest.raises(ValueError, match="base_port"):
+        servers_from_urls(["http://gpu-1:29999"], base_port=30000, server_tp=1)
+
+
+def test_colocation_pairs_each_server_gpu_with_the_training_rank_on_it():
+    # Two nodes of four GPUs; ranks are numbered node by node except that node b's are listed in reverse.
+    nodes, gpus = ["a"] * 4 + ["b"] * 4, [0, 1, 2, 3, 3, 2, 1, 0]
+    servers = [
+        ServerPlacement(f"http://{node}:{port}", node, 2 * (port - 1), 2) for node in "ab" for port in (1, 2)
+    ]
+    colocation = Colocation.from_placement(servers, nodes, gpus)
+    assert colocation.ranks == ((0, 1), (2, 3), (7, 6), (5, 4))
+
+
+def test_colocation_is_discovered_from_host_names_and_devices(groups):
+    server = ServerPlacement("http://here:30000", node_name(socket.gethostname()), base_gpu_id=0, tp_size=1)
+    assert Colocation.discover([server]).ranks == ((0,),)  # this process: LOCAL_RANK 0 of this host
+
+
+def test_colocation_refuses_what_cannot_be_colocated():
+    nodes, gpus = ["a", "a", "b", "b"], [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="GPU 2 of node 'a' with no training rank"):
+        Colocation.from_placement([ServerPlacement("http://a:1", "a", 1, 2)], nodes, gpus)
+    with pytest.raises(ValueError, match="node 'c'"):
+        Colocation.from_placement([ServerPlacement("http://c:1", "c", 0, 1)], nodes, gpus)
+    with pytest.raises(ValueError, match="both use GPU 1 of a"):
+        servers = [ServerPlacement("http://a:1", "a", 0, 2), ServerPlacement("http://a:2", "a", 1, 1)]
+        Colocation.from_placement(servers, nodes, gpus)
+    with pytest.raises(ValueError, match="ranks 0 and 1 both run on GPU 0 of node a"):
+        Colocation.from_placement([], ["a", "a"], [0, 0])
+    colocation = Colocation.from_placement([ServerPlacement("http://a:1", "a", 0, 2)], nodes, gpus)
+    with pytest.raises(
+        ValueError, match="engine_tp_size=1 but the colocation's servers have TP sizes \\[2\\]"
+    ):
+        TensorTransport(engine_tp_size=1, colocation=colocation)
+    with pytest.raises(ValueError, match="num_servers=2 but the colocation places 1 servers"):
+        TensorTransport(num_servers=2, colocation=colocation)

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -18,9 +19,16 @@ from aiohttp import web
 from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler, Sequence
-from megatron_dapo.rollout.weight_payload import deserialize_named_tensors
+from megatron_dapo.rollout.weight_payload import (
+    concat_bytes_size,
+    deserialize_named_tensors,
+    init_weight_update_group,
+    split_bytes,
+)
 
 logger = logging.getLogger(__name__)
+# How long joining a weight-update group waits for the trainer; the model thread is blocked meanwhile.
+WEIGHT_GROUP_JOIN_TIMEOUT = timedelta(minutes=10)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -44,7 +52,7 @@ class EngineServer:
         self.tokenizer_path = tokenizer_path
         self.weight_version = weight_version
         self._released_tags: set[str] = set()
-        self._group_name: str | None = None  # the weight-update process group, once initialised
+        self._groups: dict[str, dist.ProcessGroup] = {}  # weight-update groups by name (one per PP stage)
         self._loop_task: asyncio.Task | None = None
 
     def app(self) -> web.Application:
@@ -178,7 +186,7 @@ class EngineServer:
         only saves GPU work in SGLang; here a stale prompt would silently mix two models)."""
         if "weights" in self._released_tags:
             return web.json_response(
-                protocol.success_body(False, "weights are released: resume them first"), 400
+                protocol.success_body(False, "weights are released: resume them first"), status=400
             )
         if abort_all_requests:
             self.scheduler.abort(None)
@@ -206,29 +214,32 @@ class EngineServer:
         )
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
-        """Join the trainer's process group as rank `rank_offset` (gloo: there is no NCCL on CPU)."""
+        """Join the trainer's named group as rank `rank_offset`, as an SGLang server of TP size 1 joins it
+        (gloo: there is no NCCL on CPU). Several groups may be held at once, one per name."""
         try:
             init = protocol.parse_init_weights_update_group(await _read_json(request))
             if init.backend != "gloo":
                 raise protocol.ProtocolError(
                     "backend", f"{init.backend!r} needs GPUs; the CPU engine joins with 'gloo'"
                 )
-            if self._group_name is not None:
+            if init.group_name in self._groups:
                 raise protocol.ProtocolError(
-                    "group_name", f"group {self._group_name!r} exists: destroy it first"
+                    "group_name", f"group {init.group_name!r} exists: destroy it first"
                 )
         except protocol.ProtocolError as error:
             return web.json_response(protocol.success_body(False, str(error)), status=400)
 
         def join() -> str:
             # Blocks until every rank has joined: it runs on the model thread, exclusively.
-            dist.init_process_group(
+            self._groups[init.group_name] = init_weight_update_group(
                 backend="gloo",
-                init_method=f"tcp://{init.master_address}:{init.master_port}",
+                master_address=init.master_address,
+                master_port=init.master_port,
                 world_size=init.world_size,
                 rank=init.rank_offset,
+                group_name=init.group_name,
+                timeout=WEIGHT_GROUP_JOIN_TIMEOUT,
             )
-            self._group_name = init.group_name
             return f"Joined {init.group_name} as rank {init.rank_offset}."
 
         return await self._control(join)
@@ -236,29 +247,31 @@ class EngineServer:
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         try:
             group_name = protocol.parse_destroy_weights_update_group(await _read_json(request))
-            self._check_group(group_name)
+            self._group(group_name)
         except protocol.ProtocolError as error:
             return web.json_response(protocol.success_body(False, str(error)), status=400)
 
         def destroy() -> str:
-            dist.destroy_process_group()
-            self._group_name = None
+            dist.destroy_process_group(self._groups.pop(group_name))
             return f"Destroyed {group_name}."
 
         return await self._control(destroy)
 
-    def _check_group(self, group_name: str) -> None:
-        if group_name != self._group_name:
-            raise protocol.ProtocolError("group_name", f"no group {group_name!r} (have {self._group_name!r})")
+    def _group(self, group_name: str) -> dist.ProcessGroup:
+        if group_name not in self._groups:
+            raise protocol.ProtocolError(
+                "group_name", f"no group {group_name!r} (have {sorted(self._groups)})"
+            )
+        return self._groups[group_name]
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         try:
             update = protocol.parse_update_weights_from_distributed(await _read_json(request))
-            self._check_group(update.group_name)
+            group = self._group(update.group_name)
         except protocol.ProtocolError as error:
             return web.json_response(protocol.success_body(False, str(error)), status=400)
         return await self._update_weights(
-            lambda: _receive_broadcast(update), update.abort_all_requests, update.weight_version
+            lambda: _receive_broadcast(update, group), update.abort_all_requests, update.weight_version
         )
 
     # ------------------------------------------------------------ memory
@@ -301,11 +314,13 @@ async def _optional_json(request: web.Request) -> Any:
     return await _read_json(request) if request.can_read_body else None
 
 
-def _receive_broadcast(update: protocol.UpdateWeightsFromDistributed) -> list[tuple[str, torch.Tensor]]:
-    """Receive the tensors rank 0 broadcasts, in the order of `names`.
+def _receive_broadcast(
+    update: protocol.UpdateWeightsFromDistributed, group: dist.ProcessGroup
+) -> list[tuple[str, torch.Tensor]]:
+    """Receive the tensors the group's rank 0 broadcasts, in the order of `names`.
 
-    Per tensor (load_format None) one broadcast each; a flattened bucket is one broadcast of all their bytes,
-    concatenated without padding, as SGLang's FlattenedTensorBucket lays them out.
+    Per tensor (load_format None) one broadcast each; a flattened bucket is one broadcast of all their bytes
+    (weight_payload.concat_bytes), as SGLang's FlattenedTensorBucket lays them out.
     """
     dtypes = [getattr(torch, name) for name in update.dtypes]
     if update.load_format is None:
@@ -313,19 +328,10 @@ def _receive_broadcast(update: protocol.UpdateWeightsFromDistributed) -> list[tu
             torch.empty(shape, dtype=dtype) for shape, dtype in zip(update.shapes, dtypes, strict=True)
         ]
         for tensor in tensors:
-            dist.broadcast(tensor, src=0)
+            dist.broadcast(tensor, group=group, group_src=0)
         return list(zip(update.names, tensors, strict=True))
     if update.load_format != protocol.FLATTENED_BUCKET:
         raise protocol.ProtocolError("load_format", f"unknown load format {update.load_format!r}")
-    sizes = [
-        torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        for shape, dtype in zip(update.shapes, dtypes, strict=True)
-    ]
-    flat = torch.empty(sum(sizes), dtype=torch.uint8)
-    dist.broadcast(flat, src=0)
-    named, offset = [], 0
-    for name, shape, dtype, size in zip(update.names, update.shapes, dtypes, sizes, strict=True):
-        # clone: a byte offset need not be aligned to the dtype, which view() requires.
-        named.append((name, flat[offset : offset + size].clone().view(dtype).reshape(shape)))
-        offset += size
-    return named
+    flat = torch.empty(concat_bytes_size(update.shapes, dtypes), dtype=torch.uint8)
+    dist.broadcast(flat, group=group, group_src=0)
+    return list(zip(update.names, split_bytes(flat, update.shapes, dtypes), strict=True))
