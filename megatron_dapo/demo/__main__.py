@@ -1,0 +1,3 @@
+from megatron_dapo.demo.run import main
+
+main()

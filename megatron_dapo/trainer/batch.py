@@ -1,0 +1,75 @@
+"""A step's groups as training data: one sample per response with its advantage, split into mini-batches,
+each packed into this data-parallel rank's micro-batches."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megatron_dapo.algo import group_advantages
+from megatron_dapo.data.packing import PackedBatch, Sample, pack, plan_microbatches
+from megatron_dapo.trainer.rollout import Group
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Every response of the step, group after group; index i names the same sample in every field."""
+
+    samples: list[Sample]  # prompt + response token ids; the response starts at response_start
+    advantages: Tensor  # [N] float32, group-normalised, the same on every token of the response
+    truncated: Tensor  # [N] bool: generation hit max_response_tokens
+    rollout_logprobs: list[Tensor]  # N x [response tokens] float32: the engine's log-probs
+
+    @classmethod
+    def from_groups(cls, groups: Sequence[Group], *, scale_by_std: bool) -> "StepBatch":
+        """Advantages are normalised within each group, over the whole step, before any mini-batch split."""
+        responses = [(g, r) for g in groups for r in g.responses]
+        rewards = torch.tensor([r.reward for _, r in responses], dtype=torch.float32)
+        group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.responses], dtype=torch.long)
+        return cls(
+            samples=[Sample(g.prompt_ids + r.token_ids, len(g.prompt_ids)) for g, r in responses],
+            advantages=group_advantages(rewards, group_ids, scale_by_std=scale_by_std),
+            truncated=torch.tensor([r.truncated for _, r in responses], dtype=torch.bool),
+            rollout_logprobs=[torch.tensor(r.logprobs, dtype=torch.float32) for _, r in responses],
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def response_tokens(self, i: int) -> int:
+        sample = self.samples[i]
+        return len(sample.token_ids) - sample.response_start
+
+    def minibatches(self, samples_per_minibatch: int) -> list[list[int]]:
+        """Consecutive slices of `samples_per_minibatch` samples, one gradient update each (the paper: 512
+        prompts x 16 samples in mini-batches of 512 samples, 16 updates per step). Groups arrive in random
+        prompt order, so consecutive slices are as good as shuffled ones and keep each group together."""
+        if len(self) % samples_per_minibatch:
+            raise ValueError(
+                f"{len(self)} samples do not split into mini-batches of {samples_per_minibatch}: "
+                "train.samples_per_minibatch must divide prompts_per_step x samples_per_prompt"
+            )
+        return [list(range(i, i + samples_per_minibatch)) for i in range(0, len(self), samples_per_minibatch)]
+
+    def microbatches(
+        self,
+        sample_ids: Sequence[int],
+        *,
+        dp_rank: int,
+        dp_size: int,
+        tokens_per_microbatch: int,
+        cp: int,
+        pad_multiple: int,
+    ) -> list[PackedBatch]:
+        """This DP rank's packed micro-batches of one mini-batch. Every rank computes the same plan from the
+        same lengths (no communication) and gets the same number of micro-batches; packed sample ids are
+        indices into this StepBatch."""
+        plan = plan_microbatches(
+            [len(self.samples[i].token_ids) for i in sample_ids],
+            dp_size=dp_size,
+            tokens_per_microbatch=tokens_per_microbatch,
+            cp=cp,
+            pad_multiple=pad_multiple,
+        )[dp_rank]
+        return [pack(self.samples, [sample_ids[j] for j in group], pad_multiple) for group in plan]

@@ -1,0 +1,83 @@
+"""The rollout engine of a run: the servers named in rollout.server_urls, or servers launched here (SGLang on
+GPUs, the CPU engine otherwise) and stopped at exit; one async client per weight-sync sender, on an event
+loop of its own thread (rollout/weight_sync.py's BackgroundLoop), so that the training thread can block on it.
+"""
+
+import contextlib
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from megatron_dapo.config import RolloutConfig
+from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
+from megatron_dapo.rollout.sglang_client import SGLangClient
+from megatron_dapo.rollout.weight_sync import BackgroundLoop
+
+# The CPU engine shares the machine's cores with the trainer, which waits while it generates: one thread
+# each keeps them from fighting over the cores (rollout/cpu_engine/__main__.py measured 6 ms vs 320 ms).
+CPU_ENGINE_THREADS = "1"
+T = TypeVar("T")
+
+
+def server_specs(cfg: RolloutConfig, model_path: str, log_dir: Path, seed: int) -> list[ServerSpec]:
+    """One server per rollout.num_servers, each on rollout.server_tp GPUs (SGLang) or one process (CPU)."""
+    sglang = cfg.backend == "sglang"
+    extra_args = ("--max-running-requests", str(cfg.max_running_requests)) if cfg.max_running_requests else ()
+    return [
+        ServerSpec(
+            model_path=model_path,
+            port=cfg.base_port + i if cfg.base_port else free_port(cfg.host),
+            engine=cfg.backend,
+            host=cfg.host,
+            tp_size=cfg.server_tp,
+            mem_fraction_static=cfg.mem_fraction if sglang else None,
+            enable_memory_saver=sglang and cfg.colocate,
+            base_gpu_id=i * cfg.server_tp if sglang else None,
+            random_seed=seed,
+            log_file=str(log_dir / f"server_{i}.log"),
+            extra_args=extra_args,
+            env={} if sglang else {"OMP_NUM_THREADS": CPU_ENGINE_THREADS},
+        )
+        for i in range(cfg.num_servers)
+    ]
+
+
+class EngineConnection:
+    """An engine client and the event loop it runs on; `close` ends both and stops servers launched here."""
+
+    def __init__(
+        self, urls: list[str], *, pool: ServerPool | None = None, loop: BackgroundLoop | None = None
+    ):
+        self.urls, self.pool = urls, pool
+        self.loop = loop or BackgroundLoop()
+        self.client = SGLangClient(urls)
+
+    @classmethod
+    def start(cls, cfg: RolloutConfig, *, model_path: str, log_dir: Path, seed: int) -> "EngineConnection":
+        """Connect to rollout.server_urls, or launch rollout.num_servers servers (logs in `log_dir`)."""
+        if cfg.server_urls:
+            return cls(list(cfg.server_urls))
+        if cfg.backend == "sglang" and not torch.cuda.is_available():
+            raise RuntimeError("rollout.backend=sglang needs GPUs: set rollout.backend=cpu on this machine")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        loop = BackgroundLoop()
+        pool = ServerPool(server_specs(cfg, model_path, log_dir, seed))
+        try:
+            loop.run(pool.start())  # stops every server itself when one fails to start
+        except BaseException:
+            loop.close()
+            raise
+        return cls(pool.urls, pool=pool, loop=loop)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run an engine call from the training thread and wait for it."""
+        return self.loop.run(coroutine)
+
+    def close(self) -> None:
+        with contextlib.ExitStack() as stack:  # every step runs even if one fails
+            stack.callback(self.loop.close)
+            if self.pool is not None:
+                stack.callback(self.pool.stop)
+            self.loop.run(self.client.close())

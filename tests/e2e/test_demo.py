@@ -1,0 +1,61 @@
+"""`python -m megatron_dapo.demo` as a newcomer runs it, shortened: inputs prepared, training through the real
+loop, summary.json, the PNG report, the start and end accuracy printed.
+
+The demo's own warm start takes minutes; here its cache entry is filled beforehand with the tests' small
+warm-started model, so the demo finds it there as a second run of the demo would.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megatron_dapo.demo.run import WARM_START
+from tests.e2e.test_train import ENV, REPO, make_demo_inputs
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_demo_trains_and_reports(request, tmp_path_factory, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(
+        make_demo_inputs(request, tmp_path_factory)["model"], cache / f"warm_start-{WARM_START.cache_key()}"
+    )
+    out = tmp_path / "demo"
+    command = [
+        *(
+            sys.executable,
+            "-m",
+            "megatron_dapo.demo",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--cache-dir",
+            str(cache),
+        ),
+        *("train.prompts_per_step=4", "train.samples_per_minibatch=16", "eval.samples_per_problem=2"),
+    ]
+    with (tmp_path / "demo.log").open("w") as log:  # a file, not a pipe: see tests/e2e/test_train.py's run()
+        code = subprocess.run(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, timeout=300, cwd=REPO)
+    output = (tmp_path / "demo.log").read_text()
+    assert code.returncode == 0, output[-4000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preset"] == "dapo" and summary["steps"] == 2
+    assert 0 <= summary["accuracy_start"] <= 1 and 0 <= summary["accuracy_end"] <= 1
+    assert (
+        f"{summary['accuracy_start']:.1%} at the start -> {summary['accuracy_end']:.1%} at the end" in output
+    )
+    assert (out / "report.png").stat().st_size > 10_000
+    assert (out / "model" / "config.json").is_file() and (out / "data" / "train.jsonl").is_file()
+    held_out = {
+        json.loads(line)["problem"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()
+    }
+    trained = {
+        json.loads(line)["problem"] for line in (out / "data" / "train.jsonl").read_text().splitlines()
+    }
+    assert held_out and not held_out & trained  # the evaluation problems are never trained on
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
