@@ -94,7 +94,6 @@ class RolloutConfig:
     max_inflight_prompts: int = 0  # prompts in flight at once; 0: prompts_per_step x 2
     max_running_requests: int = 0  # sequences each server decodes at once; 0: the engine's default
     weight_sync_bucket_mb: int = 512  # weights travel to the engine in buckets of about this size
-    request_timeout_s: float = 3600.0
 
 
 @dataclass

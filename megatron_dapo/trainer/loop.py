@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,15 @@ from megatron_dapo.data.packing import PackedBatch, sequence_pad_multiple
 from megatron_dapo.evaluate import evaluate, load_tokenizer
 from megatron_dapo.parallel.state import destroy_parallel, init_parallel
 from megatron_dapo.rollout.types import SamplingParams
-from megatron_dapo.rollout.weight_sync import BroadcastTransport, TensorTransport, is_sender, sync_weights
+from megatron_dapo.rollout.weight_sync import (
+    BroadcastTransport,
+    Colocation,
+    TensorTransport,
+    WeightTransport,
+    is_sender,
+    servers_from_urls,
+    sync_weights,
+)
 from megatron_dapo.trainer.batch import StepBatch
 from megatron_dapo.trainer.checkpointing import load_optimizer, optimizer_metadata, save_checkpoint
 from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts
@@ -319,15 +328,10 @@ class Trainer:
             self._closing.callback(self.engine.close)
             urls = [self.engine.urls]
         dist.broadcast_object_list(urls, src=0)
-        if self.rank != 0 and is_sender(self.pg):
+        self.transport = self._weight_transport(urls[0])
+        if self.rank != 0 and is_sender(self.pg, self.transport):
             self.engine = EngineConnection(urls[0])
             self._closing.callback(self.engine.close)
-        if self.colocated or r.backend == "cpu":
-            self.transport = TensorTransport(engine_tp_size=r.server_tp)
-        else:
-            self.transport = BroadcastTransport(
-                urls[0], engine_tp_size=r.server_tp, master_address=socket.gethostname()
-            )
         if self.rank == 0:
             settings = RolloutSettings(
                 samples_per_prompt=self.cfg.algorithm.samples_per_prompt,
@@ -346,6 +350,19 @@ class Trainer:
             self.collector = RolloutCollector(
                 self.engine.client, self.loader, self.sampler, self.tokenizer, settings
             )
+
+    def _weight_transport(self, urls: list[str]) -> WeightTransport:
+        """Collective. Shared GPUs: handles to memory (CUDA IPC, or /dev/shm for the CPU engine); servers on
+        their own GPUs: an NCCL broadcast. Colocated servers named by node host names (the Slurm launch) run
+        on several nodes: each then takes its weights from the training ranks on its own GPUs."""
+        r = self.cfg.rollout
+        if not (self.colocated or r.backend == "cpu"):
+            return BroadcastTransport(urls, engine_tp_size=r.server_tp, master_address=socket.gethostname())
+        colocation = None
+        if self.colocated and not all(_is_loopback(url) for url in urls):
+            servers = servers_from_urls(urls, base_port=r.base_port, server_tp=r.server_tp)
+            colocation = Colocation.discover(servers)
+        return TensorTransport(engine_tp_size=r.server_tp, num_servers=len(urls), colocation=colocation)
 
     def close(self) -> None:
         self._closing.close()
@@ -390,6 +407,10 @@ def _update_metrics(results: list[StepResult], *, lr: float) -> dict[str, float]
         updates_skipped=len(results) - len(applied),
     )
     return metrics
+
+
+def _is_loopback(url: str) -> bool:
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
 def _merge(metrics: Metrics, more: Metrics) -> None:

@@ -80,10 +80,19 @@ def run_labels(run_dirs: Sequence[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
 
 
+def _eval_scores(names: set[str]) -> list[str]:
+    """The evaluation's accuracies, which share a 0-1 axis: avg@n, cons@n and the largest-k pass@k."""
+    kinds = {name: name.rsplit("/", 1)[1].split("@")[0] for name in names if name.startswith("eval/")}
+    scores = sorted(name for name, kind in kinds.items() if kind in ("avg", "cons"))
+    passes = [name for name, kind in kinds.items() if kind == "pass"]
+    widest = max(passes, key=lambda name: int(name.rsplit("@", 1)[1]), default=None)
+    return scores + ([widest] if widest else [])
+
+
 def render_report(run_dirs: Sequence[Path], out: Path) -> Path:
     """Draw every panel for which some run has data into `out` (PNG); returns `out`."""
     runs = {label: read_metrics(d) for label, d in zip(run_labels(run_dirs), run_dirs, strict=True)}
-    eval_names = sorted({name for metrics in runs.values() for name in metrics if name.startswith("eval/")})
+    eval_names = _eval_scores({name for metrics in runs.values() for name in metrics})
     # titled by its metric when there is one, as the legend then names only the runs
     panels = {**PANELS, eval_names[0] if len(eval_names) == 1 else "evaluation": tuple(eval_names)}
     panels = {

@@ -92,3 +92,11 @@ def test_run_labels_disambiguate_equal_names(tmp_path):
         str(tmp_path / "a" / "run"),
         str(tmp_path / "b" / "run"),
     ]
+
+
+def test_the_evaluation_panel_draws_accuracies_only():
+    from megatron_dapo.trainer.report import _eval_scores
+
+    names = {f"eval/pass@{k}" for k in (1, 2, 4, 16)} | {"eval/avg@16", "eval/cons@16", "train/entropy"}
+    names |= {"eval/response_length_mean", "eval/truncation_ratio", "eval/aime24/avg@32"}
+    assert _eval_scores(names) == ["eval/aime24/avg@32", "eval/avg@16", "eval/cons@16", "eval/pass@16"]
