@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
 from megatron_dapo.checkpoint.meta import META_FILE, hf_assets_dir
 from megatron_dapo.data.dataset import (
@@ -45,6 +45,7 @@ from megatron_dapo.data.dataset import (
     tokenize_records,
 )
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE
+from megatron_dapo.data.tokenizer import load_tokenizer as load_tokenizer_dir
 from megatron_dapo.reward import (
     avg_at_k,
     compute_score,
@@ -374,18 +375,8 @@ def served_model_dir(model: Path) -> Iterator[Path]:
 
 
 def load_tokenizer(model: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of `model` (a Megatron checkpoint keeps it in hf/), needing no conversion.
-
-    A tokenizer saved as a plain `tokenizers` backend (the demo's) is loaded as saved: beside a qwen2
-    config.json, transformers 5's AutoTokenizer would rebuild it as Qwen2's byte-level tokenizer, which maps
-    the demo's spaces to nothing.
-    """
-    directory = hf_assets_dir(model) if is_megatron_checkpoint(model) else model
-    config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
+    """The tokenizer of `model`; a Megatron checkpoint keeps it in hf/, so it needs no conversion."""
+    return load_tokenizer_dir(hf_assets_dir(model) if is_megatron_checkpoint(model) else model)
 
 
 # ---- outputs ------------------------------------------------------------------------------------------

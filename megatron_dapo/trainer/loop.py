@@ -23,7 +23,8 @@ from megatron_dapo.checkpoint.rl_state import RLState, latest_complete, load_rl_
 from megatron_dapo.config import ConfigError, DapoConfig
 from megatron_dapo.data.dataset import PromptLoader
 from megatron_dapo.data.packing import PackedBatch, sequence_pad_multiple
-from megatron_dapo.evaluate import evaluate, load_tokenizer
+from megatron_dapo.data.tokenizer import load_tokenizer
+from megatron_dapo.evaluate import evaluate
 from megatron_dapo.parallel.state import destroy_parallel, init_parallel
 from megatron_dapo.rollout.types import SamplingParams
 from megatron_dapo.rollout.weight_sync import (

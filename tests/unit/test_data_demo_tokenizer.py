@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 from megatron_dapo.data.arithmetic import ArithmeticTask, generate_problems, response_text
 from megatron_dapo.data.demo_tokenizer import CHAT_TEMPLATE, build_demo_tokenizer, save_demo_tokenizer
+from megatron_dapo.data.tokenizer import load_tokenizer
 
 
 def test_round_trip_and_one_token_per_character() -> None:
@@ -41,3 +42,11 @@ def test_saved_directory_loads_offline_with_auto_tokenizer(tmp_path: Path) -> No
     rendered = loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == "<|user|>3*4-5<|end|><|assistant|>"
     assert (loaded.pad_token, loaded.eos_token, loaded.unk_token) == ("<|pad|>", "<|end|>", "<|unk|>")
+
+
+def test_load_tokenizer_keeps_the_demo_tokenizer_beside_a_qwen2_config(tmp_path: Path) -> None:
+    # A model directory: the tokenizer next to a qwen2 config.json, as the demo's warm-started model has it.
+    directory = save_demo_tokenizer(tmp_path / "model")
+    (directory / "config.json").write_text('{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}')
+    text = "3*4-5=7\nAnswer: 7"
+    assert load_tokenizer(directory).encode(text) == build_demo_tokenizer().encode(text)

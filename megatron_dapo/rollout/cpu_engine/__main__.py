@@ -14,8 +14,9 @@ import random
 
 import torch
 from aiohttp import web
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
+from megatron_dapo.data.tokenizer import load_tokenizer
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
 from megatron_dapo.rollout.cpu_engine.server import EngineServer
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     runner = ModelRunner(args.model_path, DTYPES[args.dtype], args.context_length)
     tokenizer_path = None if args.skip_tokenizer_init else (args.tokenizer_path or args.model_path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else None
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     scheduler = Scheduler(
         runner,
         eos_token_ids=eos_token_ids(args.model_path, runner.model.config, tokenizer),
