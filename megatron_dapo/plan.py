@@ -8,7 +8,7 @@ cannot fit is flagged with changes that would make it fit (each checked by plann
 What the memory figures rest on:
 - Parameters in `model.dtype`; gradients in fp32 (Megatron's grad_reduce_in_fp32, standard with bf16); fp32
   master weights (unless the model is fp32) and Adam's two fp32 moments, sharded over DP × CP by Megatron's
-  distributed optimizer. The vocabulary is padded to a multiple of lcm(128, TP), as model/build.py does.
+  distributed optimizer. The vocabulary is padded to a multiple of lcm(128, TP), as model/arch.py does.
 - Activations: the tensors each decoder layer keeps for backward (`saved_per_token`) for one packed
   micro-batch of `train.tokens_per_microbatch` tokens per GPU, after the CP split (and split over TP
   where sequence parallelism shards them). 1F1B keeps `pp - stage` micro-batches in flight on a stage.
@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from megatron_dapo.config import ConfigError, DapoConfig, load_config
+from megatron_dapo.config import ConfigError, DapoConfig, ModelConfig, load_config
+from megatron_dapo.model.arch import GPTArch, padded_vocab_size
 
 GIB = 2**30
-VOCAB_MULTIPLE = 128  # model/build.py pads the vocabulary to a multiple of lcm(128, TP)
+CHUNK_TOKENS = ModelConfig().logprob_chunk_tokens  # the chunked path, as the plan's alternative to plain
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 Kernels = Literal["te", "local"]
 
@@ -101,10 +102,7 @@ def load_model_shape(spec: str) -> ModelShape:
 
 
 def _shape_from_hf_config(name: str, hf_config: dict[str, Any]) -> ModelShape:
-    # The checkpoint mapping is the one reader of config.json facts (imported here: it pulls in torch).
-    from megatron_dapo.checkpoint.hf_mapping import ModelDims
-
-    dims = ModelDims.from_hf_config(hf_config)
+    dims = GPTArch.from_hf_config(hf_config)
     return ModelShape(
         name=name,
         num_layers=dims.num_layers,
@@ -269,11 +267,6 @@ class Plan:
 
 
 # ---- parameters --------------------------------------------------------------------------------------------
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    multiple = math.lcm(VOCAB_MULTIPLE, tp)
-    return -(-vocab_size // multiple) * multiple
 
 
 def layer_parameters(shape: ModelShape, tp: int) -> int:
@@ -561,7 +554,7 @@ def _stage_memory(
             )
             if last
             else 0.0
-            for chunk_tokens in (chunk, 0 if chunk else 1024)
+            for chunk_tokens in (chunk, 0 if chunk else CHUNK_TOKENS)
         }
         stages.append(
             StageMemory(
@@ -573,7 +566,7 @@ def _stage_memory(
                 activation_bytes=activations[recompute],
                 activations_other=activations[not recompute],
                 logprob_bytes=logprobs[chunk],
-                logprobs_other=logprobs[0 if chunk else 4096],
+                logprobs_other=logprobs[0 if chunk else CHUNK_TOKENS],
                 reserved_bytes=assume.reserved_gib * GIB,
             )
         )
@@ -682,7 +675,7 @@ def candidate_fixes(cfg: DapoConfig, shape: ModelShape, cluster: Cluster) -> lis
     if p.tensor > 1 and not p.sequence_parallel:
         fixes.append("parallel.sequence_parallel=true")
     if m.logprob_chunk_tokens == 0:
-        fixes.append("model.logprob_chunk_tokens=1024")
+        fixes.append(f"model.logprob_chunk_tokens={CHUNK_TOKENS}")
     fitted_tokens = _round_up(-(-(cfg.data.max_prompt_tokens + r.max_response_tokens) // p.context), 1024)
     if fitted_tokens != t.tokens_per_microbatch:
         fixes.append(f"train.tokens_per_microbatch={fitted_tokens}")
@@ -801,7 +794,7 @@ def _memory_table(plan: Plan) -> list[str]:
         (f"activations, recompute {recompute}", "activation_bytes"),
         (f"  (recompute {other_recompute} would be)", "activations_other"),
         (f"log-probs, {f'chunks of {chunk}' if chunk else 'plain path'}", "logprob_bytes"),
-        (f"  ({'plain path' if chunk else 'chunks of 1024'} would be)", "logprobs_other"),
+        (f"  ({'plain path' if chunk else f'chunks of {CHUNK_TOKENS}'} would be)", "logprobs_other"),
         ("reserve", "reserved_bytes"),
         ("total", "total_bytes"),
     ]

@@ -34,7 +34,6 @@ from megatron_dapo.checkpoint.hf_dir import (
 from megatron_dapo.checkpoint.hf_mapping import (
     HFMapping,
     Layout,
-    ModelDims,
     TensorMap,
     checkpoint_key,
     pad_vocab,
@@ -42,7 +41,7 @@ from megatron_dapo.checkpoint.hf_mapping import (
 )
 from megatron_dapo.checkpoint.meta import CheckpointMeta, hf_assets_dir, read_meta, write_meta
 from megatron_dapo.checkpoint.torch_dist import CheckpointReader, Placement, write_checkpoint
-from megatron_dapo.model.build import padded_vocab_size
+from megatron_dapo.model.arch import GPTArch, padded_vocab_size
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' historical default
@@ -82,7 +81,7 @@ def hf_to_megatron(
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
     config = read_config(hf_dir)
-    mapping = HFMapping(ModelDims.from_hf_config(config))
+    mapping = HFMapping(GPTArch.from_hf_config(config))
     mapping.dims.check_parallel(tp, pp)
     weights = SafetensorsDir(hf_dir)
     _check_hf_weights(mapping, weights)
@@ -237,7 +236,7 @@ def _check_hf_weights(mapping: HFMapping, weights: SafetensorsDir) -> None:
 def _open_megatron(ckpt_dir: Path) -> tuple[HFMapping, CheckpointReader]:
     """The mapping from the checkpoint's own config.json, and a reader; shapes checked against the config."""
     read_meta(ckpt_dir)
-    mapping = HFMapping(ModelDims.from_hf_config(read_config(hf_assets_dir(ckpt_dir))))
+    mapping = HFMapping(GPTArch.from_hf_config(read_config(hf_assets_dir(ckpt_dir))))
     reader = CheckpointReader(ckpt_dir)
     for entry in mapping.tensors:
         key = checkpoint_key(entry)

@@ -14,17 +14,21 @@ Megatron layouts (megatron-core 0.16, checked against the installed source):
   builder's rule); the padding rows are zero here and stripped on the way back.
 - Names are those of the local spec with GLOBAL layer indices; `canonical_name` accepts Transformer Engine
   spec names (layer norms fused into linear_qkv / linear_fc1) and DDP / Float16Module prefixes too.
+
+The shape facts come from model/arch.py's `GPTArch`, the one reader of config.json (no megatron import).
 """
 
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+from megatron_dapo.model.arch import GPTArch
+
+# The name rollout/weight_sync.py and its tests import the architecture record under.
+ModelDims = GPTArch
 
 
 class Layout(Enum):
@@ -35,80 +39,6 @@ class Layout(Enum):
     QKV = "qkv"  # q, k, v fused per query group; split on dim 0 by whole query groups
     GATE_UP = "gate_up"  # [gate; up] fused; each TP rank holds [gate_r; up_r]
     VOCAB = "vocab"  # embedding / output layer: vocabulary padded, split on dim 0
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The shape facts of a supported Hugging Face causal LM that the mapping needs."""
-
-    model_type: str  # "llama", "qwen2" or "qwen3"
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int  # key/value heads
-    head_dim: int  # channels per attention head (Qwen3 sets it apart from hidden_size // heads)
-    ffn_hidden_size: int
-    vocab_size: int  # the true vocabulary, without padding
-    tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2/2.5 have q/k/v biases
-    qk_layernorm: bool  # Qwen3 normalises queries and keys per head
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> "ModelDims":
-        """From a transformers `PretrainedConfig` or a config.json dict (class defaults filled in)."""
-        config = _as_pretrained_config(config)
-        model_type = config.model_type
-        if model_type in ("llama", "qwen3") and getattr(config, "attention_bias", False):
-            raise ValueError(
-                f"{model_type} with attention_bias=true (an o_proj bias) is not supported; "
-                "only Qwen2-style q/k/v biases are"
-            )
-        if getattr(config, "mlp_bias", False):
-            raise ValueError("mlp_bias=true is not supported: Megatron's fused MLP here has no biases")
-        heads = config.num_attention_heads
-        groups = getattr(config, "num_key_value_heads", None) or heads
-        if heads % groups != 0:
-            raise ValueError(
-                f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}"
-            )
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(
-            model_type=model_type,
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_attention_heads=heads,
-            num_query_groups=groups,
-            head_dim=head_dim,
-            ffn_hidden_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            tie_word_embeddings=bool(config.tie_word_embeddings),
-            qkv_bias=model_type == "qwen2",
-            qk_layernorm=model_type == "qwen3",
-        )
-
-    def check_parallel(self, tp_size: int, pp_size: int = 1) -> None:
-        """Refuse TP/PP sizes Megatron cannot shard this model with, saying what would work."""
-        tp_sharded = {
-            "num_key_value_heads": self.num_query_groups,
-            "num_attention_heads": self.num_attention_heads,
-            "intermediate_size": self.ffn_hidden_size,
-        }
-        for name, value in tp_sharded.items():
-            if value % tp_size != 0:
-                valid = [
-                    d
-                    for d in _divisors(self.num_query_groups)
-                    if all(v % d == 0 for v in tp_sharded.values())
-                ]
-                raise ValueError(
-                    f"tensor parallel size {tp_size} does not divide {name}={value} of config.json; "
-                    f"choose a TP size among {valid}"
-                )
-        if self.num_layers % pp_size != 0:
-            raise ValueError(
-                f"pipeline parallel size {pp_size} does not divide num_layers={self.num_layers}; "
-                f"choose a PP size among {_divisors(self.num_layers)}"
-            )
 
 
 @dataclass(frozen=True)
@@ -165,7 +95,7 @@ _HF_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 class HFMapping:
     """The name table and the reshapes for one model; see the module docstring for the layouts."""
 
-    def __init__(self, dims: ModelDims):
+    def __init__(self, dims: GPTArch):
         self.dims = dims
         self.tensors: tuple[TensorMap, ...] = tuple(self._build_table())
         self._by_megatron = {t.megatron: t for t in self.tensors}
@@ -417,30 +347,3 @@ def merge_tp(layout: Layout, shards: Sequence[torch.Tensor]) -> torch.Tensor:
         pairs = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([p[0] for p in pairs] + [p[1] for p in pairs], dim=0)
     return torch.cat(list(shards), dim=1 if layout is Layout.ROW else 0)
-
-
-# ---- helpers ------------------------------------------------------------------------------------------
-
-
-def _as_pretrained_config(config: Any):
-    """A transformers config object, so that class defaults cover keys config.json leaves out."""
-    if not isinstance(config, dict):
-        return config
-    from transformers import AutoConfig
-
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unknown architecture: config.json has model_type={model_type!r} "
-            f"(architectures={config.get('architectures')}); supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    fields = {k: v for k, v in config.items() if k != "model_type"}
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except Exception as error:  # transformers' validators raise several exception types
-        raise ValueError(f"config.json is invalid for model_type={model_type!r}: {error}") from error
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]

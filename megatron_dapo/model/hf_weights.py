@@ -11,7 +11,8 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, Layout, ModelDims, to_global_name
+from megatron_dapo.checkpoint.hf_mapping import HFMapping, Layout, to_global_name
+from megatron_dapo.model.arch import GPTArch
 
 HFTensors = Callable[[str], torch.Tensor]
 
@@ -24,7 +25,7 @@ def load_hf_weights(
 
     `tensors(name)` reads one Hugging Face tensor, e.g. `SafetensorsDir(hf_dir).get` (checkpoint/hf_dir.py).
     """
-    dims = ModelDims.from_hf_config(hf_config)
+    dims = GPTArch.from_hf_config(hf_config)
     mapping = HFMapping(dims)
     tp_size, tp_rank = pg_collection.tp.size(), pg_collection.tp.rank()
     pp_size, pp_rank = pg_collection.pp.size(), pg_collection.pp.rank()

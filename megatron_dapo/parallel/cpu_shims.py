@@ -6,6 +6,10 @@ tensors, builds scalars with `device="cuda"`, keeps RNG states through `torch.cu
 'torch.cuda.FloatTensor'. Every one of those calls fails on a CPU-only torch, so each shim below only
 redirects a call that could not have succeeded; none changes what a GPU machine runs, because
 `apply_cpu_shims()` does nothing when CUDA is available. All shims live here, and nowhere else.
+
+Without Transformer Engine or Apex (so on every CPU machine) megatron's DistributedOptimizer runs over
+torch's AdamW, and its checkpoint load path for that optimizer breaks in three places; the last shim repairs
+them, for the 'dp_reshardable' format the trainer saves on CPU (trainer/checkpointing.py).
 """
 
 import importlib
@@ -34,6 +38,7 @@ def apply_cpu_shims() -> None:
     _patch_torch_cuda()
     _patch_tensor_methods()
     _patch_rng_tracker()
+    _patch_distributed_optimizer_load()
     for name in _CUDA_FACTORY_MODULES:
         module = importlib.import_module(name)
         module.torch = _CpuTorch()
@@ -90,6 +95,38 @@ def _patch_rng_tracker() -> None:
     mp_random.CudaRNGStatesTracker.add = add
     # model_parallel_cuda_manual_seed seeds "the GPU" with the data-parallel seed: here the CPU generator.
     torch.cuda.manual_seed = torch.manual_seed
+
+
+def _patch_distributed_optimizer_load() -> None:
+    """Let the DistributedOptimizer over torch's AdamW load a 'dp_reshardable' checkpoint exactly."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    sharded_state_dict = DistributedOptimizer.sharded_state_dict
+    load_state_dict = DistributedOptimizer.load_state_dict
+
+    def sharded_state_dict_of_initialised_state(
+        self: DistributedOptimizer, model_sharded_state_dict: Any, is_loading: bool = False, **kwargs: Any
+    ) -> Any:
+        # The template to load into is built from the optimizer's own state, which a fresh torch AdamW does
+        # not have yet (megatron then fails reading its step): a step on zero gradients creates it. What
+        # that step does to the main params (weight decay) is overwritten by the checkpoint's params.
+        if is_loading and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return sharded_state_dict(self, model_sharded_state_dict, is_loading, **kwargs)
+
+    def load_state_dict_with_own_steps(self: DistributedOptimizer, state_dict: dict[str, Any]) -> None:
+        # The 'dp_reshardable' reader copies into the main params, leaves that require grad.
+        with torch.no_grad():
+            load_state_dict(self, state_dict)
+        # megatron hands every param one shared `step` tensor (which torch's AdamW, stepping the params one
+        # at a time, would advance once per param), then overwrites it with the step of the template built
+        # before loading. The checkpoint's step is the one in its param groups: give each param its own.
+        (step,) = {group["step"] for group in state_dict["optimizer"]["param_groups"]}
+        for state in self.optimizer.state.values():
+            state["step"] = torch.tensor(step, dtype=torch.float32)
+
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict_of_initialised_state
+    DistributedOptimizer.load_state_dict = load_state_dict_with_own_steps
 
 
 class _CpuTorch:

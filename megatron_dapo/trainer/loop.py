@@ -245,7 +245,6 @@ class Trainer:
         )
         self._closing.callback(destroy_parallel)
         self.rank = dist.get_rank()
-        _check_checkpointable(cfg)
         self.run_dir = Path(cfg.logging.dir)
         self.checkpoint_root = (
             Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
@@ -259,11 +258,6 @@ class Trainer:
                 f"checkpoint.resume=false but {self.checkpoint_root} holds checkpoints (the latest: "
                 f"{resume_from.name}): set checkpoint.resume=true to continue that run, or give this one "
                 "another logging.dir"
-            )
-        if cfg.model.recompute_activations and self.rank == 0:
-            logger.warning(
-                "model.recompute_activations=true is not applied: model/build.py builds without activation "
-                "recompute for now, so long micro-batches need more memory than the planner assumed"
             )
         initial = resume_from or (Path(cfg.model.load) if cfg.model.load else None)
         self.policy = build_policy(cfg, self.hf_config, self.pg, weights=initial)
@@ -417,12 +411,3 @@ def _is_loopback(url: str) -> bool:
 def _merge(metrics: Metrics, more: Metrics) -> None:
     for group, values in more.items():
         metrics[group].update(values)
-
-
-def _check_checkpointable(cfg: DapoConfig) -> None:
-    """Refuse at start what could not be checkpointed later (on a save step, or on a stop signal)."""
-    if cfg.optimizer.distributed and not torch.cuda.is_available():
-        raise ConfigError(
-            "optimizer.distributed: megatron-core 0.16's DistributedOptimizer cannot save its state on CPU "
-            "(its plain-torch fallback lacks per-parameter Adam steps): set optimizer.distributed=false"
-        )

@@ -43,7 +43,13 @@ def build_policy(
     """The policy, its weights from `weights` (a Megatron checkpoint: model.load or a resumed step), else from
     the Hugging Face directory model.hf_path. Weights load before the optimizer exists, so that its fp32
     main copies start from them."""
-    model = build_gpt_model(hf_config, parallel_dims(cfg), pg, params_dtype=getattr(torch, cfg.model.dtype))
+    model = build_gpt_model(
+        hf_config,
+        parallel_dims(cfg),
+        pg,
+        params_dtype=getattr(torch, cfg.model.dtype),
+        recompute_activations=cfg.model.recompute_activations,
+    )
     if weights is not None:
         load_model(model, weights)
     else:

@@ -5,6 +5,7 @@ directly with each other and with the reference.
 """
 
 import math
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +15,19 @@ from megatron.core.optimizer import OptimizerConfig
 from torch import Tensor
 
 from megatron_dapo.checkpoint.hf_dir import SafetensorsDir, read_config
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, ModelDims, to_global_name
+from megatron_dapo.checkpoint.hf_mapping import HFMapping, to_global_name
+from megatron_dapo.checkpoint.rl_state import RLState, load_rl_state
+from megatron_dapo.config import load_config
 from megatron_dapo.data.packing import PackedBatch, Sample, pack, plan_microbatches, sequence_pad_multiple
+from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.logprobs import logprobs_from_logits
 from megatron_dapo.model.policy import TokenDistribution, unwrap
 from megatron_dapo.model.training import setup_training
 from megatron_dapo.parallel.state import ParallelDims, init_parallel
+from megatron_dapo.trainer.checkpointing import load_optimizer, optimizer_metadata, save_checkpoint
+from megatron_dapo.trainer.policy import Policy, build_policy, parallel_dims
 from megatron_dapo.trainer.train_step import forward_logprobs, train_step
 
 TEMPERATURE = 0.8
@@ -73,17 +79,7 @@ def split_run(spec: RunSpec, dims: ParallelDims) -> dict:
     pg = init_parallel(dims)
     config = read_config(spec.hf_dir)
     model = _loaded_model(spec, config, dims, pg)
-    dp_size, dp_rank = pg.dp.size(), pg.dp.rank()
-    pad = sequence_pad_multiple(dims.cp)
-    plan = plan_microbatches(
-        [len(s.token_ids) for s in spec.samples],
-        dp_size=dp_size,
-        tokens_per_microbatch=spec.tokens_per_microbatch,
-        cp=dims.cp,
-        pad_multiple=pad,
-    )
-    batches = [pack(spec.samples, ids, pad) for ids in plan[dp_rank]]
-    my_samples = [i for ids in plan[dp_rank] for i in ids]
+    batches, my_samples = _rank_microbatches(spec, dims, pg)
     result = {"microbatches": len(batches)}
     for name, chunk in (("plain", None), ("chunked", 7)):
         distribution = TokenDistribution(config["vocab_size"], TEMPERATURE, chunk)
@@ -109,6 +105,81 @@ def split_run(spec: RunSpec, dims: ParallelDims) -> dict:
         if optimizer == "sgd":
             result["grads"] = hf_state(ddp, config, pg, lambda p: p.main_grad)
     return result
+
+
+def resume_run(spec: RunSpec, dtype: str, ckpt_root: Path) -> dict:
+    """The trainer's policy and checkpoint path with megatron's DistributedOptimizer: two steps, save, two
+    more; then a policy resumed from the save takes the same two steps. This rank's parameters and optimizer
+    state at the end of both runs."""
+    _allow_checkpoint_writer()
+    cfg = load_config(
+        None,
+        [
+            f"model.hf_path={spec.hf_dir}",
+            f"model.dtype={dtype}",
+            "model.logprob_chunk_tokens=0",
+            "optimizer.distributed=true",
+            # Large steps, weight decay from the first (no warm-up): the loading's dummy step (cpu_shims.py)
+            # then moves the main params, which the checkpoint's must replace.
+            "optimizer.lr=0.01",
+            "optimizer.weight_decay=0.1",
+            "optimizer.warmup_steps=0",
+        ],
+    )
+    dims = parallel_dims(cfg)
+    pg = init_parallel(dims)
+    config = read_config(spec.hf_dir)
+    batches, _ = _rank_microbatches(spec, dims, pg)
+
+    def rollout_step(policy: Policy) -> None:
+        policy.scheduler.step(1)  # as the trainer does, once per rollout step
+        result = train_step(
+            policy.ddp, policy.optimizer, batches, WeightedLogprobObjective(), policy.distribution, pg
+        )
+        assert result.applied
+
+    policy = build_policy(cfg, config, pg, weights=None)
+    for _ in range(2):
+        rollout_step(policy)
+    state = RLState(
+        step=2,
+        loader={},
+        sampler={},
+        scheduler=policy.scheduler.state_dict(),
+        extra={"optimizer_metadata": optimizer_metadata()},
+    )
+    ckpt = save_checkpoint(ckpt_root, 2, policy, state, hf_dir=spec.hf_dir, keep_last=0)
+    for _ in range(2):
+        rollout_step(policy)
+
+    resumed = build_policy(cfg, config, pg, weights=ckpt)
+    saved = load_rl_state(ckpt, rank=dist.get_rank())
+    load_optimizer(ckpt, resumed, saved.extra["optimizer_metadata"])
+    resumed.scheduler.load_state_dict(saved.scheduler)
+    for _ in range(2):
+        rollout_step(resumed)
+    return {
+        "uninterrupted": _training_state(policy, config, pg),
+        "resumed": _training_state(resumed, config, pg),
+    }
+
+
+def _allow_checkpoint_writer() -> None:
+    """megatron's checkpoint writer starts a multiprocessing manager, which a daemonic process (a worker of
+    tests/parallel/launcher.py's pool) may not; the pool still ends its workers when it closes."""
+    multiprocessing.current_process().daemon = False
+
+
+def _training_state(policy: Policy, config: dict, pg) -> dict[str, Tensor]:
+    """Parameters (Hugging Face names) and this rank's optimizer shard: main params, Adam moments, steps."""
+    state = {f"param.{name}": value for name, value in hf_state(policy.ddp, config, pg, lambda p: p).items()}
+    for i, optimizer in enumerate(policy.optimizer.chained_optimizers):
+        params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
+        for j, param in enumerate(params):
+            state[f"optimizer.{i}.{j}.main_param"] = param.detach().clone()
+            for key, value in optimizer.optimizer.state[param].items():
+                state[f"optimizer.{i}.{j}.{key}"] = value.clone()
+    return state
 
 
 def reference_run(spec: RunSpec) -> dict:
@@ -149,6 +220,20 @@ def reference_run(spec: RunSpec) -> dict:
     return result
 
 
+def _rank_microbatches(spec: RunSpec, dims: ParallelDims, pg) -> tuple[list[PackedBatch], list[int]]:
+    """This DP rank's packed micro-batches of the spec's samples, and the samples they hold in order."""
+    pad = sequence_pad_multiple(dims.cp)
+    plan = plan_microbatches(
+        [len(s.token_ids) for s in spec.samples],
+        dp_size=pg.dp.size(),
+        tokens_per_microbatch=spec.tokens_per_microbatch,
+        cp=dims.cp,
+        pad_multiple=pad,
+    )
+    mine = plan[pg.dp.rank()]
+    return [pack(spec.samples, ids, pad) for ids in mine], [i for ids in mine for i in ids]
+
+
 def _loaded_model(spec: RunSpec, config: dict, dims: ParallelDims, pg) -> torch.nn.Module:
     model = build_gpt_model(config, dims, pg, params_dtype=spec.params_dtype)
     load_hf_weights(model, config, SafetensorsDir(spec.hf_dir).get, pg)
@@ -157,7 +242,7 @@ def _loaded_model(spec: RunSpec, config: dict, dims: ParallelDims, pg) -> torch.
 
 def hf_state(model: torch.nn.Module, config: dict, pg, tensor_of) -> dict[str, Tensor]:
     """`tensor_of(param)` for this rank's parameters, TP shards merged, under Hugging Face names."""
-    dims = ModelDims.from_hf_config(config)
+    dims = GPTArch.from_hf_config(config)
     mapping = HFMapping(dims)
     tp = pg.tp
     state = {}

@@ -11,7 +11,7 @@ import torch
 
 from megatron_dapo.parallel.state import ParallelDims
 from tests.parallel.launcher import DistributedPool
-from tests.parallel.model_runs import RunSpec, reference_run, split_run
+from tests.parallel.model_runs import RunSpec, reference_run, resume_run, split_run
 from tests.parallel.tiny_models import random_samples, save_tiny_checkpoint, tiny_config, tiny_hf_model
 
 pytestmark = pytest.mark.slow
@@ -159,3 +159,15 @@ def test_distributed_optimizer_step_matches_single_process(runs):
     assert results[0]["adam-distributed_step"].applied
     for name, value in merged(results, "adam-distributed_params").items():
         torch.testing.assert_close(value, reference["adam_params"][name], atol=ATOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_distributed_optimizer_resumes_exactly(runs, specs, tmp_path, dtype):
+    """DP=2: save, reload (CPU: the 'dp_reshardable' format), continue: the uninterrupted run, bit for bit."""
+    for rank_result in runs.pool(2).run(resume_run, specs["qwen2"], dtype, tmp_path):
+        uninterrupted, resumed = rank_result["uninterrupted"], rank_result["resumed"]
+        assert resumed.keys() == uninterrupted.keys()
+        steps = {value.item() for key, value in resumed.items() if key.endswith(".step")}
+        assert steps == {4.0}  # every parameter's own Adam step count
+        for key, value in uninterrupted.items():
+            assert torch.equal(resumed[key], value), key

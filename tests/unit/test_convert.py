@@ -193,7 +193,7 @@ def test_clear_errors(tmp_path):
         assert not out.exists() and not list(tmp_path.glob(".*.partial"))  # nothing half-written is left
 
     fails("tensor parallel size 4 does not divide num_key_value_heads=2", tp=4)
-    fails("pipeline parallel size 3 does not divide num_layers=4", pp=3)
+    fails("pipeline parallel size 3 does not divide num_hidden_layers=4", pp=3)
 
     bad = tmp_path / "bad"
     shutil.copytree(hf_dir, bad)

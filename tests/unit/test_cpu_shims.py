@@ -2,6 +2,7 @@
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mp_random
 
@@ -19,6 +20,8 @@ def test_shims_are_not_applied_when_cuda_is_available(monkeypatch):
         (torch.Tensor, "type"): lambda self, *a, **k: "sentinel",
         (mp_random, "_get_cuda_rng_state"): lambda *a, **k: None,
         (schedules, "torch"): object(),
+        (DistributedOptimizer, "sharded_state_dict"): lambda *a, **k: None,
+        (DistributedOptimizer, "load_state_dict"): lambda *a, **k: None,
     }
     for (owner, name), value in sentinels.items():
         monkeypatch.setattr(owner, name, value)

@@ -7,7 +7,6 @@ import transformers
 from megatron_dapo.checkpoint.hf_mapping import (
     HFMapping,
     Layout,
-    ModelDims,
     canonical_name,
     checkpoint_key,
     layers_of_stage,
@@ -15,6 +14,7 @@ from megatron_dapo.checkpoint.hf_mapping import (
     split_tp,
     to_global_name,
 )
+from megatron_dapo.model.arch import GPTArch
 
 CONFIGS = {
     "qwen2": transformers.Qwen2Config,
@@ -56,7 +56,7 @@ def reference_qkv(q, k, v, heads: int, groups: int, head_dim: int) -> torch.Tens
 
 
 def reference_shards(
-    entry, hf: list[torch.Tensor], dims: ModelDims, tp: int, padded: int
+    entry, hf: list[torch.Tensor], dims: GPTArch, tp: int, padded: int
 ) -> list[torch.Tensor]:
     """Each TP rank's shard built from the rank's own slice of the HF tensors, never from a fused tensor."""
     shards = []
@@ -96,7 +96,7 @@ CASES = [
 def test_every_tensor_matches_reference_and_round_trips(model_type, groups, tie):
     config = tiny_config(model_type, groups=groups, tie=tie)
     hf_state = tiny_hf_state(config)
-    mapping = HFMapping(ModelDims.from_hf_config(config))
+    mapping = HFMapping(GPTArch.from_hf_config(config))
     dims = mapping.dims
 
     covered = [name for entry in mapping.tensors for name in entry.hf]
@@ -121,7 +121,7 @@ def test_every_tensor_matches_reference_and_round_trips(model_type, groups, tie)
 
 def test_megatron_shapes_follow_config():
     config = tiny_config("qwen3", groups=2)
-    mapping = HFMapping(ModelDims.from_hf_config(config))
+    mapping = HFMapping(GPTArch.from_hf_config(config))
     hf_state = tiny_hf_state(config)
     for entry in mapping.tensors:
         (full,) = mapping.to_megatron(entry, [hf_state[n] for n in entry.hf], padded_vocab_size=128)
@@ -132,7 +132,7 @@ def test_megatron_shapes_follow_config():
 
 def test_tied_output_layer_reads_embedding_and_is_never_written_back():
     config = tiny_config("qwen2", tie=True)
-    mapping = HFMapping(ModelDims.from_hf_config(config))
+    mapping = HFMapping(GPTArch.from_hf_config(config))
     assert "output_layer.weight" not in [e.megatron for e in mapping.tensors]
     entry = mapping.get("output_layer.weight")
     assert entry.tied_copy and entry.hf == ("model.embed_tokens.weight",)
@@ -144,7 +144,7 @@ def test_tied_output_layer_reads_embedding_and_is_never_written_back():
 
 
 def test_dtype_cast_both_ways():
-    mapping = HFMapping(ModelDims.from_hf_config(tiny_config("llama")))
+    mapping = HFMapping(GPTArch.from_hf_config(tiny_config("llama")))
     entry = mapping.get("decoder.layers.0.mlp.linear_fc1.weight")
     gate, up = torch.randn(48, 32), torch.randn(48, 32)
     (full,) = mapping.to_megatron(entry, [gate, up], dtype=torch.bfloat16)
@@ -154,7 +154,7 @@ def test_dtype_cast_both_ways():
 
 
 def test_names_of_te_spec_wrappers_and_checkpoint_keys():
-    mapping = HFMapping(ModelDims.from_hf_config(tiny_config("qwen3")))
+    mapping = HFMapping(GPTArch.from_hf_config(tiny_config("qwen3")))
     te_norm = "module.module.decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"
     assert canonical_name(te_norm) == "decoder.layers.1.input_layernorm.weight"
     assert mapping.get(te_norm).hf == ("model.layers.1.input_layernorm.weight",)
@@ -189,32 +189,15 @@ def test_gate_up_split_merge_is_per_half():
     assert torch.equal(merge_tp(Layout.GATE_UP, shards), full)
 
 
-def test_unknown_architecture_and_bad_parallel_sizes_are_explained():
-    with pytest.raises(ValueError, match=r"unknown architecture.*mistral"):
-        ModelDims.from_hf_config({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
-    dims = ModelDims.from_hf_config(tiny_config("qwen2", groups=2))
-    with pytest.raises(
-        ValueError, match=r"tensor parallel size 4 does not divide num_key_value_heads=2.*\[1, 2\]"
-    ):
-        dims.check_parallel(4)
-    with pytest.raises(ValueError, match="pipeline parallel size 3"):
-        dims.check_parallel(1, 3)
-    mqa = HFMapping(ModelDims.from_hf_config(tiny_config("llama", groups=1)))
+def test_tp_shards_never_split_a_query_group():
+    mqa = HFMapping(GPTArch.from_hf_config(tiny_config("llama", groups=1)))
     qkv = mqa.get("decoder.layers.0.self_attention.linear_qkv.weight")
-    with pytest.raises(ValueError, match="does not divide num_key_value_heads=1"):  # rows would split a group
+    with pytest.raises(ValueError, match="does not divide num_key_value_heads=1"):
         mqa.to_megatron(qkv, [torch.randn(32, 32), torch.randn(8, 32), torch.randn(8, 32)], tp_size=2)
-    with pytest.raises(ValueError, match="attention_bias"):
-        ModelDims.from_hf_config(transformers.LlamaConfig(attention_bias=True))
-
-
-def test_config_dict_uses_class_defaults():
-    config = tiny_config("qwen2", tie=False).to_diff_dict()  # what save_pretrained writes: defaults left out
-    dims = ModelDims.from_hf_config(config)
-    assert dims.head_dim == 8 and dims.qkv_bias and not dims.tie_word_embeddings
 
 
 def test_weight_shape_mismatch_names_the_tensor():
-    mapping = HFMapping(ModelDims.from_hf_config(tiny_config("qwen2")))
+    mapping = HFMapping(GPTArch.from_hf_config(tiny_config("qwen2")))
     entry = mapping.get("decoder.layers.0.self_attention.linear_proj.weight")
     with pytest.raises(ValueError, match=r"config/weights mismatch: model.layers.0.self_attn.o_proj.weight"):
         mapping.to_megatron(entry, [torch.randn(32, 16)])

@@ -192,3 +192,17 @@ def test_unreadable_input_exits_2(capsys):
     assert "rollout.top_p" in capsys.readouterr().err
     assert main(["--model", "qwen2.5-7b", "--rollout-nodes", "1"]) == 2
     assert "--rollout-nodes" in capsys.readouterr().err
+
+
+def test_plain_logprob_path_is_planned_against_the_chunked_one(capsys):
+    cfg = load_config(PAPER_32B, ["model.logprob_chunk_tokens=0"])
+    shape = load_model_shape("qwen2.5-32b")
+    last = make_plan(cfg, shape, Cluster(nodes=16), Assumptions()).stages[-1]
+    chunked = make_plan(load_config(PAPER_32B), shape, Cluster(nodes=16), Assumptions()).stages[-1]
+    # Plain: fp32 logits of every token of the micro-batch over the TP shard of the padded vocabulary.
+    assert last.logprob_bytes >= 32768 * padded_vocab_size(shape.vocab_size, 8) / 8 * 4
+    assert last.logprobs_other == chunked.logprob_bytes < last.logprob_bytes / 5
+    assert main(["--config", PAPER_32B, "--model", "qwen2.5-32b", "--nodes", "16",
+                 "model.logprob_chunk_tokens=0"]) in (0, 1)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "log-probs, plain path" in out and "(chunks of 1024 would be)" in out

@@ -133,27 +133,23 @@ def _measure_model(dtype, pg) -> dict:
     from megatron_dapo.model.build import build_gpt_model
     from megatron_dapo.parallel.state import ParallelDims
 
-    model = build_gpt_model(TINY, ParallelDims(), pg, params_dtype=dtype)
     bf16 = dtype == torch.bfloat16
-    ddp = DistributedDataParallel(
-        config=model.config,
-        ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
-        module=model,
-    )
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, bf16=bf16, use_distributed_optimizer=True), [ddp]
-    )
     tokens = torch.randint(0, TINY["vocab_size"], (1, TOKENS), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(TOKENS)[None]
     result = {}
     for recompute in (False, True):
-        # megatron reads these at forward time: full recompute, one layer per checkpoint.
-        model.config.recompute_granularity = "full" if recompute else None
-        model.config.recompute_method = "uniform" if recompute else None
-        model.config.recompute_num_layers = 1 if recompute else None
+        model = build_gpt_model(TINY, ParallelDims(), pg, params_dtype=dtype, recompute_activations=recompute)
+        ddp = DistributedDataParallel(
+            config=model.config,
+            ddp_config=DistributedDataParallelConfig(
+                use_distributed_optimizer=True, grad_reduce_in_fp32=True
+            ),
+            module=model,
+        )
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=1e-4, bf16=bf16, use_distributed_optimizer=True), [ddp]
+        )
         saved = _SavedTensors(ddp.parameters())
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             logits = ddp(tokens, positions, attention_mask=None)
         result["recompute_forward" if recompute else "forward"] = saved.current
