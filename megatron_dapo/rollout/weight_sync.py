@@ -344,6 +344,7 @@ class TensorTransport:
     (rollout/weight_payload.py). With `colocation`, made on every rank (it builds a gloo group per server),
     every rank builds the whole model and each server TP rank gets a handle to the copy on its own GPU (see
     the module docstring); the colocation knows the servers, and sizes given besides must agree with it.
+    `host_memory`: the servers read host memory (the CPU engine), so buckets on a GPU are copied there first.
     """
 
     def __init__(
@@ -353,6 +354,7 @@ class TensorTransport:
         num_servers: int | None = None,
         load_format: str | None = FLATTENED_BUCKET,
         colocation: Colocation | None = None,
+        host_memory: bool = False,
     ):
         _check_load_format(load_format)
         if engine_tp_size is not None and engine_tp_size < 1:
@@ -373,6 +375,7 @@ class TensorTransport:
         self.num_servers = num_servers or 1
         self.load_format = load_format
         self.colocation = colocation
+        self.host_memory = host_memory
         self._server: int | None = None  # index of the server on this rank's GPU
         self._server_group: dist.ProcessGroup | None = None  # the training ranks on that server's GPUs
         if colocation is not None:
@@ -393,6 +396,8 @@ class TensorTransport:
 
     def send(self, bucket, engine, loop, *, stage, weight_version, flush_cache) -> None:
         # `bucket` stays referenced until the servers answer: the handles point into its memory.
+        if self.host_memory:
+            bucket = [(name, tensor.cpu()) for name, tensor in bucket]
         if self.colocation is None:
             # One payload for every TP rank of every server, each loading it once.
             payload = self._serialize(bucket, receivers=self.num_servers * self.engine_tp_size)

@@ -357,7 +357,12 @@ class Trainer:
         if self.colocated and not all(_is_loopback(url) for url in urls):
             servers = servers_from_urls(urls, base_port=r.base_port, server_tp=r.server_tp)
             colocation = Colocation.discover(servers)
-        return TensorTransport(engine_tp_size=r.server_tp, num_servers=len(urls), colocation=colocation)
+        return TensorTransport(
+            engine_tp_size=r.server_tp,
+            num_servers=len(urls),
+            colocation=colocation,
+            host_memory=r.backend == "cpu",
+        )
 
     def close(self) -> None:
         self._closing.close()

@@ -179,6 +179,18 @@ def test_colocation_hands_the_server_the_copy_on_its_gpu(groups, checkpoints, co
     sync_and_check(groups, checkpoints["policy1"], colocated_server, transport, version=3)
 
 
+def test_gpu_model_syncs_into_the_cpu_engine(groups, checkpoints, tmp_path):
+    """rollout.backend=cpu on a GPU machine: buckets reach the CPU engine as host memory, not CUDA handles."""
+    spec = ServerSpec(model_path=str(checkpoints["start"]), port=free_port(), engine="cpu",
+                      log_file=str(tmp_path / "cpu_engine.log"))  # fmt: skip
+    pool = ServerPool([spec])
+    asyncio.run(pool.start())
+    try:
+        sync_and_check(groups, checkpoints["policy1"], pool, TensorTransport(host_memory=True), version=4)
+    finally:
+        pool.stop()
+
+
 @pytest.mark.gpu(2)
 @pytest.mark.parametrize("load_format", list(SYNCS))
 def test_separate_gpus_sync_through_nccl(groups, checkpoints, separate_server, load_format):
