@@ -27,9 +27,6 @@ import torch
 
 from megatron_dapo.model.arch import GPTArch
 
-# The name rollout/weight_sync.py and its tests import the architecture record under.
-ModelDims = GPTArch
-
 
 class Layout(Enum):
     """How the Hugging Face tensors fuse into one Megatron tensor, and how TP splits it."""

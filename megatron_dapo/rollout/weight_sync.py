@@ -62,7 +62,8 @@ import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor, nn
 
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, Layout, ModelDims, TensorMap, to_global_name
+from megatron_dapo.checkpoint.hf_mapping import HFMapping, Layout, TensorMap, to_global_name
+from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.policy import unwrap
 from megatron_dapo.rollout.engine import EngineError, RolloutEngine
 from megatron_dapo.rollout.launcher import free_port
@@ -646,7 +647,7 @@ def sync_weights(
         )
     if sender:
         _check_loop(loop)
-    mapping = HFMapping(ModelDims.from_hf_config(hf_config))
+    mapping = HFMapping(GPTArch.from_hf_config(hf_config))
     sending = _Sending(transport, engine if sender else None, loop, weight_version, bucket_bytes)
     if transport.whole_model_on_every_rank:
         parameters = _parameters_of_every_stage(model, mapping, pg_collection)

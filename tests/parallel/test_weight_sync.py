@@ -31,8 +31,9 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from megatron_dapo.checkpoint.hf_dir import SafetensorsDir, read_config
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, ModelDims
+from megatron_dapo.checkpoint.hf_mapping import HFMapping
 from megatron_dapo.data.packing import Sample, pack
+from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
@@ -64,7 +65,7 @@ CONFIG = tiny_config("qwen2", tie=True)  # q/k/v biases, GQA, tied embeddings; o
 BUCKET_BYTES = 4096  # several buckets per stage
 LOGPROB_TOLERANCE = 1e-4  # fp32 everywhere
 PROMPTS = ((3, 14, 15, 9, 26), (53, 58, 96, 2))
-EXPECTED_TENSORS = sum(len(entry.hf) for entry in HFMapping(ModelDims.from_hf_config(CONFIG)).tensors)
+EXPECTED_TENSORS = sum(len(entry.hf) for entry in HFMapping(GPTArch.from_hf_config(CONFIG)).tensors)
 
 # The simulated nodes: where each rank runs, and which rank shares each engine's GPU.
 NODE_OF_RANK, GPU_OF_RANK = ("node0", "node0", "node1", "node1"), (0, 1, 0, 1)

@@ -15,10 +15,11 @@ import transformers
 from safetensors.torch import load_file
 
 from megatron_dapo.checkpoint import convert
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, ModelDims, checkpoint_key
+from megatron_dapo.checkpoint.hf_mapping import HFMapping, checkpoint_key
 from megatron_dapo.checkpoint.meta import read_meta
 from megatron_dapo.checkpoint.torch_dist import CheckpointReader
 from megatron_dapo.data.demo_tokenizer import save_demo_tokenizer
+from megatron_dapo.model.arch import GPTArch
 
 CONFIGS = {
     "qwen2": transformers.Qwen2Config,
@@ -66,7 +67,7 @@ def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def megatron_tensors(ckpt_dir: Path) -> dict[tuple[str, int | None], torch.Tensor]:
     reader = CheckpointReader(ckpt_dir)
-    mapping = HFMapping(ModelDims.from_hf_config(json.loads((ckpt_dir / "hf" / "config.json").read_text())))
+    mapping = HFMapping(GPTArch.from_hf_config(json.loads((ckpt_dir / "hf" / "config.json").read_text())))
     return {(checkpoint_key(e), e.layer): reader.read(checkpoint_key(e), e.layer) for e in mapping.tensors}
 
 
@@ -82,7 +83,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(tmp_path, model_type, tie, shard
     meta = read_meta(tmp_path / "megatron")
     assert (meta.tensor_parallel, meta.pipeline_parallel, meta.padded_vocab_size) == (2, 2, 128)
     assert summary.tensors == len(
-        HFMapping(ModelDims.from_hf_config(json.loads((hf_dir / "config.json").read_text()))).tensors
+        HFMapping(GPTArch.from_hf_config(json.loads((hf_dir / "config.json").read_text()))).tensors
     )
 
     convert.megatron_to_hf(tmp_path / "megatron", tmp_path / "back", max_shard_bytes=30_000)

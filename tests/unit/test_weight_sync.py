@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, ModelDims
+from megatron_dapo.checkpoint.hf_mapping import HFMapping
 from megatron_dapo.data.packing import pack
+from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
@@ -134,7 +135,7 @@ def test_engine_gets_the_megatron_weights(groups, engine_loop, tmp_path, case):
 
     # Every Hugging Face tensor arrived exactly once, in the sync's dtype, in several buckets.
     sent = [name for call in engine.calls for name in call.names]
-    expected = {name for entry in HFMapping(ModelDims.from_hf_config(config)).tensors for name in entry.hf}
+    expected = {name for entry in HFMapping(GPTArch.from_hf_config(config)).tensors for name in entry.hf}
     assert sorted(sent) == sorted(expected)
     engine_state = engine.runner.model.state_dict()
     for name, tensor in trained.state_dict().items():
