@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo_ablation"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="train.seed of each run per preset")
     parser.add_argument("--steps", type=int, default=40, help="rollout steps per run")
-    parser.add_argument("--target", type=float, default=0.45, help="held-out accuracy for steps-to-target")
+    parser.add_argument("--target", type=float, default=0.35, help="held-out accuracy for steps-to-target")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/demo_cache"), help="warm-started models")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,12 @@ import torch
 
 from megatron_dapo.config import PRESETS, DapoConfig, load_config
 from megatron_dapo.data.arithmetic import generate_problems, write_jsonl
-from megatron_dapo.demo.warm_start import EVAL_SEED, WarmStartSettings, warm_start
+from megatron_dapo.demo.warm_start import WarmStartSettings, held_out_problems, warm_start
 from megatron_dapo.trainer.report import read_metrics, render_report
 from megatron_dapo.trainer.tracking import METRICS_FILE
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo_cpu.yaml"
 TRAIN_PROBLEMS = 20_000  # the training stream; any held-out problem is removed from it
-EVAL_PROBLEMS = 128
 TRAIN_SEED = 1
 WARM_START = WarmStartSettings()  # its task is the demo's task
 # Torch threads of this process (warm start and trainer); the CPU engine runs one more. On the 2-core machine,
@@ -43,7 +42,7 @@ def prepare_inputs(out: Path, cache_dir: Path) -> dict[str, Path]:
     model = out / "model"
     shutil.rmtree(model, ignore_errors=True)
     shutil.copytree(warm_start(cache_dir, WARM_START), model)
-    held_out = generate_problems(WARM_START.task, EVAL_PROBLEMS, seed=EVAL_SEED)
+    held_out = held_out_problems(WARM_START.task)
     unseen = {record.problem for record in held_out}
     train = [
         r

@@ -34,9 +34,10 @@ from megatron_dapo.data.template import encode_prompts
 from megatron_dapo.reward import compute_score
 
 # Part of the cache key: bump when the training recipe changes, so stale models are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 METADATA_FILE = "warm_start.json"
 EVAL_SEED = 2**31 - 1  # problems for measuring accuracy, drawn apart from the training stream
+HELD_OUT_PROBLEMS = 128  # drawn, before duplicates are merged
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,17 @@ class WarmStartSettings:
     def cache_key(self) -> str:
         content = json.dumps({"recipe": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def held_out_problems(task: ArithmeticTask) -> list[PromptRecord]:
+    """The problems accuracy is measured on: neither the warm start nor the RL stream ever trains on them."""
+    return generate_problems(task, HELD_OUT_PROBLEMS, seed=EVAL_SEED)
+
+
+def sft_problems(settings: WarmStartSettings, rng: random.Random, held_out: set[str]) -> list[PromptRecord]:
+    """One supervised step's problems, fresh from `rng`, without the held-out ones."""
+    records = generate_problems(settings.task, settings.sequences_per_step, seed=rng.getrandbits(64))
+    return [record for record in records if record.problem not in held_out]
 
 
 def build_model(settings: WarmStartSettings, tokenizer: PreTrainedTokenizerBase) -> Qwen2ForCausalLM:
@@ -128,10 +140,11 @@ def train_sft(
     )
     model.train()
     rng = random.Random(settings.seed)
+    held_out = {record.problem for record in held_out_problems(settings.task)}
     losses = []
     steps = tqdm(range(settings.sft_steps), desc="warm start", disable=not progress)
     for _ in steps:
-        records = generate_problems(settings.task, settings.sequences_per_step, seed=rng.getrandbits(64))
+        records = sft_problems(settings, rng, held_out)
         responses = [warm_start_response(record, settings, rng) for record in records]
         loss = model(**sft_batch(records, responses, tokenizer)).loss
         optimizer.zero_grad(set_to_none=True)
@@ -204,7 +217,7 @@ def warm_start(
     model = build_model(settings, tokenizer)
     losses = train_sft(model, tokenizer, settings, progress=progress)
     sft_seconds = time.perf_counter() - started
-    eval_records = generate_problems(settings.task, eval_prompts, seed=EVAL_SEED)
+    eval_records = held_out_problems(settings.task)[:eval_prompts]
     accuracy = sampled_accuracy(model, tokenizer, eval_records, samples_per_prompt=samples_per_prompt)
     partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)

@@ -15,8 +15,10 @@ from megatron_dapo.demo.warm_start import (
     METADATA_FILE,
     WarmStartSettings,
     build_model,
+    held_out_problems,
     sampled_accuracy,
     sft_batch,
+    sft_problems,
     train_sft,
     warm_start,
     warm_start_response,
@@ -132,3 +134,15 @@ def test_sampled_accuracy_scores_with_the_reward(tokenizer) -> None:
     ]
     model = ScriptedModel(tokenizer, responses)
     assert sampled_accuracy(model, tokenizer, records, samples_per_prompt=3) == pytest.approx(0.5)
+
+
+def test_warm_start_never_trains_on_the_held_out_problems():
+    settings = WarmStartSettings()
+    held_out = {record.problem for record in held_out_problems(settings.task)}
+    drawn, kept = set(), set()
+    for seed in range(200):
+        kept.update(r.problem for r in sft_problems(settings, random.Random(seed), held_out))
+        drawn.update(r.problem for r in sft_problems(settings, random.Random(seed), set()))
+    assert drawn & held_out  # the task is small: unfiltered, the stream would repeat them
+    assert kept and not kept & held_out
+    assert kept == drawn - held_out
