@@ -12,7 +12,13 @@ import torch
 from megatron_dapo.parallel.state import ParallelDims
 from tests.parallel.launcher import DistributedPool
 from tests.parallel.model_runs import RunSpec, reference_run, resume_run, split_run
-from tests.parallel.tiny_models import random_samples, save_tiny_checkpoint, tiny_config, tiny_hf_model
+from tests.parallel.tiny_models import (
+    LLAMA3_ROPE,
+    random_samples,
+    save_tiny_checkpoint,
+    tiny_config,
+    tiny_hf_model,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +35,7 @@ MODELS = {
     "qwen3": tiny_config("qwen3"),
     "qwen2": tiny_config("qwen2"),
     "qwen2-tied": tiny_config("qwen2", tie=True),
-    "llama": tiny_config(
-        "llama",
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
+    "llama": tiny_config("llama", **LLAMA3_ROPE),
 }
 
 

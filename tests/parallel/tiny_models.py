@@ -22,6 +22,19 @@ CONFIGS = {
 }
 
 
+# Llama 3.x's RoPE scaling, the one megatron-core implements (model/arch.py).
+LLAMA3_ROPE = {
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
+
+
 def tiny_config(
     model_type: str, *, tie: bool = False, layers: int = 2, **extra
 ) -> transformers.PretrainedConfig:

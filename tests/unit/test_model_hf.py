@@ -11,6 +11,7 @@ from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.parallel.state import ParallelDims
 from megatron_dapo.trainer.train_step import forward_logprobs
 from tests.parallel.tiny_models import (
+    LLAMA3_ROPE,
     hf_response_logprobs,
     random_samples,
     single_process_groups,
@@ -22,17 +23,7 @@ CASES = {
     "qwen2-untied": tiny_config("qwen2"),
     "qwen2-tied": tiny_config("qwen2", tie=True),
     "qwen3": tiny_config("qwen3"),
-    "llama-llama3-rope": tiny_config(
-        "llama",
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
+    "llama-llama3-rope": tiny_config("llama", **LLAMA3_ROPE),
     "llama-linear-rope": tiny_config("llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
 
