@@ -40,9 +40,7 @@ from megatron_dapo.data.dataset import (
     BadDataError,
     OnBadRow,
     TokenizedPrompt,
-    handle_bad_rows,
-    read_records,
-    tokenize_records,
+    load_prompts,
 )
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE
 from megatron_dapo.data.tokenizer import load_tokenizer as load_tokenizer_dir
@@ -297,18 +295,15 @@ def load_eval_set(
     """Read, validate and tokenize an evaluation file; bad rows are reported and skipped (or raise, with
     on_bad_row="error"), duplicates merged. `name` defaults to the file name without its suffix."""
     path = Path(path)
-    records, bad_rows = read_records(path, layout=layout)
-    prompts, too_long = tokenize_records(
-        records,
+    prompts, rows = load_prompts(
+        path,
         tokenizer,
         max_prompt_tokens=max_prompt_tokens,
+        on_bad_row=on_bad_row,
+        layout=layout,
         template=template,
         use_chat_template=use_chat_template,
     )
-    rows = len(records) + len({bad.index for bad in bad_rows})
-    handle_bad_rows(bad_rows + too_long, on_bad_row=on_bad_row, source=str(path), total_rows=rows)
-    if not prompts:
-        raise BadDataError(f"{path}: no usable rows")
     distinct = merge_duplicates(prompts)
     if len(distinct) < len(prompts):
         logger.info(

@@ -261,8 +261,8 @@ def load_prompts(
     template: str = DAPO_PROMPT_TEMPLATE,
     use_chat_template: bool = True,
     max_reported: int = 20,
-) -> list[TokenizedPrompt]:
-    """A validated, tokenized prompt dataset, ready before training starts."""
+) -> tuple[list[TokenizedPrompt], int]:
+    """A validated, tokenized prompt dataset, ready before training starts, and the file's row count."""
     records, bad_rows = read_records(path, layout=layout, prompt_key=prompt_key, answer_key=answer_key)
     total_rows = len(records) + len({bad.index for bad in bad_rows})
     prompts, too_long = tokenize_records(
@@ -281,7 +281,7 @@ def load_prompts(
     )
     if not prompts:
         raise BadDataError(f"{path}: no usable rows")
-    return prompts
+    return prompts, total_rows
 
 
 class PromptLoader:

@@ -26,7 +26,7 @@ def load_train_prompts(cfg: DapoConfig, tokenizer: PreTrainedTokenizerBase) -> l
     if not cfg.data.train_path:
         raise FileNotFoundError("data.train_path is empty: set it to a parquet or jsonl file of prompts")
     layout, template = prompt_format(cfg.data.format)
-    return load_prompts(
+    prompts, _ = load_prompts(
         Path(cfg.data.train_path),
         tokenizer,
         max_prompt_tokens=cfg.data.max_prompt_tokens,
@@ -35,6 +35,7 @@ def load_train_prompts(cfg: DapoConfig, tokenizer: PreTrainedTokenizerBase) -> l
         template=template,
         use_chat_template=cfg.data.apply_chat_template,
     )
+    return prompts
 
 
 def load_eval_prompts(cfg: DapoConfig, tokenizer: PreTrainedTokenizerBase) -> list[TokenizedPrompt]:

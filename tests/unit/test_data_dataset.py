@@ -106,7 +106,10 @@ def test_skip_keeps_good_rows_and_logs_bad_ones(tmp_path: Path, tokenizer, caplo
         [{"problem": "1+1", "answer": "2"}, {"problem": "", "answer": "0"}, {"problem": "3*3", "answer": 9}],
     )
     with caplog.at_level(logging.WARNING):
-        prompts = load_prompts(path, tokenizer, max_prompt_tokens=64, on_bad_row="skip", template="{problem}")
+        prompts, rows = load_prompts(
+            path, tokenizer, max_prompt_tokens=64, on_bad_row="skip", template="{problem}"
+        )
+    assert rows == 3
     assert [(p.record.index, p.record.ground_truth) for p in prompts] == [(0, "2"), (2, "9")]
     assert "row 1: problem: empty prompt" in caplog.text
     assert tokenizer.decode(prompts[1].token_ids) == "<|user|>3*3<|end|><|assistant|>"
