@@ -53,6 +53,7 @@ def command(inputs, run_dir: Path, engine_url: str) -> list[str]:
         run_dir,
         f"rollout.server_urls=[{engine_url}]",
         "train.deterministic=true",
+        "optimizer.distributed=true",  # megatron's DistributedOptimizer state, saved and resumed on CPU
         f"train.steps={STEPS}",
         "checkpoint.save_every_steps=1",
         "eval.every_steps=2",
