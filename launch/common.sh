@@ -64,15 +64,27 @@ dapo_build_overrides() {
 
 # Runs the planner (its table goes to the log) and refuses to go on unless the run fits. The plan, with the
 # resolved config, is left as JSON in PLAN_JSON. Arguments: the cluster's shape, as planner flags.
+# Exit statuses of megatron_dapo.plan: 2 a config or model it cannot read, 3 a run that does not fit; anything
+# else non-zero (a traceback's 1, a signal's 128+N) is a crash of the planner itself, never a verdict.
 dapo_check_plan() {
-	local model=() status=0
+	local model=() status=0 output
 	if [[ -n ${MODEL_SHAPE:-} ]]; then model=(--model "$MODEL_SHAPE"); fi
+	output=$(mktemp)
 	python -m megatron_dapo.plan --config "$CONFIG" "${model[@]}" "$@" --save-json "$PLAN_JSON" \
-		-- "${OVERRIDES[@]}" || status=$?
+		-- "${OVERRIDES[@]}" >"$output" 2>&1 || status=$?
+	case $status in
+	0 | 2 | 3) cat "$output" ;;
+	*)
+		dapo_log "the planner crashed (exit $status); its last lines:"
+		tail -n 20 "$output" >&2
+		;;
+	esac
+	rm -f "$output"
 	case $status in
 	0) ;;
-	1) dapo_die "the planner says this run cannot fit (above: what to change); nothing was started" ;;
-	*) dapo_die "the planner could not read the config or the model (exit $status); nothing was started" ;;
+	2) dapo_die "the planner could not read the config or the model (above); nothing was started" ;;
+	3) dapo_die "the planner says this run cannot fit (above: what to change); nothing was started" ;;
+	*) dapo_die "the planner crashed (exit $status), so nothing is known about the fit; nothing was started" ;;
 	esac
 }
 

@@ -3,7 +3,8 @@
 For a model (a Hugging Face config.json, or a named shape) on a cluster (nodes × GPUs × GPU memory) under a
 run config (`load_config`), it prints the per-GPU memory of the first and last pipeline stages, the SGLang
 KV-cache capacity, the parallel layout, and an estimate of the time of one RL step. A configuration that
-cannot fit is flagged with changes that would make it fit (each checked by planning again); exit status 1.
+cannot fit is flagged with changes that would make it fit (each checked by planning again); exit status 3
+(DOES_NOT_FIT), 2 for a config or model it cannot read, so that a crash (1) is never taken for a verdict.
 
 What the memory figures rest on:
 - Parameters in `model.dtype`; gradients in fp32 (Megatron's grad_reduce_in_fp32, standard with bf16); fp32
@@ -40,6 +41,7 @@ from megatron_dapo.config import ConfigError, DapoConfig, ModelConfig, load_conf
 from megatron_dapo.model.arch import GPTArch, padded_vocab_size
 
 GIB = 2**30
+DOES_NOT_FIT = 3  # exit status; 1 is Python's for an uncaught exception
 CHUNK_TOKENS = ModelConfig().logprob_chunk_tokens  # the chunked path, as the plan's alternative to plain
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 Kernels = Literal["te", "local"]
@@ -874,7 +876,7 @@ def _parser() -> argparse.ArgumentParser:
     cluster = Cluster()
     parser = argparse.ArgumentParser(
         prog="dapo-plan",
-        description="Per-GPU memory, parallel layout and step time of a DAPO run; exits 1 if it cannot fit",
+        description="Per-GPU memory, parallel layout and step time of a DAPO run; exits 3 if it cannot fit",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, section.field=value")
     parser.add_argument("--config", help="run config YAML (load_config)")
@@ -938,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_json:
         Path(args.save_json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if args.json else format_plan(plan))
-    return 0 if plan.fits else 1
+    return 0 if plan.fits else DOES_NOT_FIT
 
 
 def _model_from_config(cfg: DapoConfig) -> str:

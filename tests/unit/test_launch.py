@@ -54,6 +54,11 @@ def after_options(argv):
 
 
 prog, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
+if prog == "python" and argv[:2] == ["-m", "megatron_dapo.plan"] and os.environ.get("FAKE_PLANNER_CRASH"):
+    print("Traceback (most recent call last):\nImportError: planner broke", file=sys.stderr)
+    if os.environ["FAKE_PLANNER_CRASH"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(1)
 if prog == "python" and argv[:2] not in (["-m", "sglang.launch_server"], ["-m", "megatron_dapo.train"]):
     os.execv(REAL_PYTHON, [REAL_PYTHON, *argv])
 usr1_ignored = signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
@@ -235,6 +240,18 @@ def test_an_impossible_plan_is_refused_before_anything_starts(fake_cluster):
     assert "DOES NOT FIT" in result.stdout and "model.recompute_activations=true" in result.stdout
     assert "cannot fit" in result.stderr and "nothing was started" in result.stderr
     assert {c["prog"] for c in calls(env)} == {"sbatch", "scontrol"}
+
+
+@pytest.mark.parametrize(("crash", "status"), [("traceback", 1), ("kill", 137)])
+def test_a_crashing_planner_is_reported_as_a_crash_not_a_verdict(fake_cluster, crash, status):
+    result = run(SBATCH_7B, dict(fake_cluster, FAKE_PLANNER_CRASH=crash))
+    assert result.returncode != 0
+    assert (
+        f"the planner crashed (exit {status})" in result.stderr
+        and "ImportError: planner broke" in result.stderr
+    )
+    assert "cannot fit" not in result.stderr and "nothing was started" in result.stderr
+    assert {c["prog"] for c in calls(fake_cluster)} == {"sbatch", "scontrol"}
 
 
 def test_bad_environment_is_named(fake_cluster):
