@@ -63,8 +63,11 @@ def test_a_damaged_shipped_file_is_refused(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_a_built_wheel_carries_every_shipped_file(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ and egg-info there
+    skipped = shutil.ignore_patterns(".git", ".venv*", "build", "runs", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO_ROOT, source, ignore=skipped)
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
-    subprocess.run([*command, str(REPO_ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*command, str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("megatron_dapo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for file_name in [*catalog.DATASETS.values(), "SHA256SUMS", "README.md"]:
