@@ -52,7 +52,7 @@ setup(
             "dapo-convert-hf-to-megatron=megatron_dapo.checkpoint.convert:hf_to_megatron_main",
             "dapo-convert-megatron-to-hf=megatron_dapo.checkpoint.convert:megatron_to_hf_main",
             "dapo-reshard=megatron_dapo.checkpoint.convert:reshard_main",
-            "dapo-plan=megatron_dapo.plan:main",
+            "dapo-plan=megatron_dapo.cli.plan:main",
             "dapo-prepare-data=megatron_dapo.data.prepare:main",
         ]
     },

@@ -43,7 +43,7 @@ def test_sequence_parallel_is_refused_on_cpu_only(monkeypatch):
 
 
 def test_recompute_is_full_and_one_layer_at_a_time():
-    """What plan.py's activation model assumes: each layer's input kept, one layer rebuilt in backward."""
+    """What plan/memory.py assumes of activations: each layer's input kept, one layer rebuilt in backward."""
     on = transformer_config(arch(), ParallelDims(), params_dtype=torch.float32, recompute_activations=True)
     assert (on.recompute_granularity, on.recompute_method, on.recompute_num_layers) == ("full", "uniform", 1)
     off = transformer_config(arch(), ParallelDims(), params_dtype=torch.float32)

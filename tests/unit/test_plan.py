@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from megatron_dapo.cli.plan import main
 from megatron_dapo.config import load_config
 from megatron_dapo.plan import (
     DOES_NOT_FIT,
@@ -16,7 +17,6 @@ from megatron_dapo.plan import (
     Cluster,
     count_parameters,
     load_model_shape,
-    main,
     make_plan,
     padded_vocab_size,
     stage_parameters,
