@@ -54,6 +54,11 @@ class Sequence:
     error: Exception | None = None  # its own prefill failed: it alone fails, the batch goes on
 
 
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def finish_reason_after(
     token: int,
     generated_tokens: int,
@@ -148,6 +153,7 @@ class Scheduler:
         except BaseException:  # the client went away, or a sequence failed: free the rows of the others
             for sequence in sequences:
                 sequence.abort_requested = True
+                sequence.done.add_done_callback(_consume)  # the first failure is reported; drop the rest
             raise
         return sequences
 
