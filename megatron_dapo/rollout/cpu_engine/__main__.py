@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--weight-group-timeout", type=float, default=60.0,
-        help="seconds a weight-update group join, and each broadcast in it, may wait for the trainer",
+        help="seconds each weight-update broadcast, and each try to reach the trainer's store, may wait "
+        "(torch tries twice: an unanswered join ends after about twice this)",
     )  # fmt: skip
     # Accepted so that a command line written for sglang.launch_server also starts the CPU engine.
     parser.add_argument("--mem-fraction-static", type=float, help="no effect on CPU")

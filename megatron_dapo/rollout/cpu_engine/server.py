@@ -47,7 +47,8 @@ class ServerSettings:
     api_key: str | None = None  # None: no authentication (bind to 127.0.0.1 then)
     max_request_bytes: int = 64 << 20  # a 20k-token prompt is ~150 KB of JSON; weight payloads are handles
     max_sequences_per_request: int = 1024  # prompts x n of one /generate
-    weight_group_timeout_s: float = 60.0  # joining a group, and each broadcast in it, waits this long at most
+    # Each broadcast, and each of torch's two tries to reach the store, waits this long at most.
+    weight_group_timeout_s: float = 60.0
 
 
 def _error(status: int, message: str) -> web.Response:
