@@ -506,7 +506,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         action="extend",
         default=[],
-        help="running servers serving --model (no launch)",
+        help="running servers serving --model (no launch); their API key, if any, in $DAPO_API_KEY",
     )
     servers.add_argument("--engine", choices=["sglang", "cpu"], default="sglang", help="servers to launch")
     servers.add_argument("--num-servers", type=int, default=1, help="servers to launch")
@@ -602,7 +602,10 @@ async def run(args: argparse.Namespace) -> dict[str, EvalResult]:
             results = await evaluate_sets(client, eval_sets, **kwargs)
     else:
         with served_model_dir(args.model) as model_dir:
-            async with ServerPool(server_specs(args, model_dir)) as pool, SGLangClient(pool.urls) as client:
+            async with (
+                ServerPool(server_specs(args, model_dir)) as pool,
+                SGLangClient(pool.urls, api_key=pool.api_key) as client,
+            ):
                 results = await evaluate_sets(client, eval_sets, **kwargs)
     run_info = {
         "model": str(args.model),

@@ -311,18 +311,19 @@ class Trainer:
         self.colocated = r.colocate and torch.cuda.is_available()
         self._engine_released = False  # the servers gave their GPU memory to training
         self.engine_dtype = getattr(torch, self.cfg.model.dtype) if r.backend == "sglang" else torch.float32
-        urls: list[Any] = [None]
+        servers: list[Any] = [None]  # (urls, API key): senders need the key of servers launched here
         self.engine: EngineConnection | None = None
         if self.rank == 0:
             self.engine = EngineConnection.start(
                 r, model_path=self.cfg.model.hf_path, log_dir=self.run_dir / "logs", seed=self.cfg.train.seed
             )
             self._closing.callback(self.engine.close)
-            urls = [self.engine.urls]
-        dist.broadcast_object_list(urls, src=0)
-        self.transport = self._weight_transport(urls[0])
+            servers = [(self.engine.urls, self.engine.api_key)]
+        dist.broadcast_object_list(servers, src=0)
+        urls, api_key = servers[0]
+        self.transport = self._weight_transport(urls)
         if self.rank != 0 and is_sender(self.pg, self.transport):
-            self.engine = EngineConnection(urls[0])
+            self.engine = EngineConnection(urls, api_key=api_key)
             self._closing.callback(self.engine.close)
         if self.rank == 0:
             settings = RolloutSettings(

@@ -25,7 +25,7 @@ FAKE = r'''
 import json, os, signal, sys, time
 
 REAL_PYTHON = {real_python!r}
-RECORDED_ENV = ("SLURM_JOB_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+RECORDED_ENV = ("SLURM_JOB_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "DAPO_API_KEY")
 
 
 def record(**entry):
@@ -84,7 +84,7 @@ FAKES = ("srun", "scontrol", "sbatch", "torchrun", "python", "curl")
 _LAUNCH_VARIABLES = {
     "CONFIG", "RUN_DIR", "HF_MODEL", "DATA", "EVAL_DATA", "LOAD", "MODEL_SHAPE", "NODES", "GPUS_PER_NODE",
     "GPU_MEMORY_GIB", "ROLLOUT_PLACEMENT", "ROLLOUT_NODES", "MASTER_PORT", "MASTER_ADDR", "NPROC", "DRY_RUN",
-    "CHECKPOINT_GRACE_S", "SERVER_START_TIMEOUT_S",
+    "CHECKPOINT_GRACE_S", "SERVER_START_TIMEOUT_S", "DAPO_API_KEY",
 }  # fmt: skip
 
 
@@ -182,6 +182,28 @@ def test_sbatch_starts_servers_then_training_on_every_node(fake_cluster):
     _assert_all_exited(env)
 
 
+def test_the_job_key_reaches_every_server_and_training_and_is_never_printed(fake_cluster):
+    env = fake_cluster
+    result = run(SBATCH_7B, env)
+    assert result.returncode == 0, result.stderr
+    (train,) = [c for c in calls(env, "python") if "megatron_dapo.train" in c["argv"]]
+    key = train["env"]["DAPO_API_KEY"]
+    assert re.fullmatch(r"[0-9a-f]{64}", key)  # 256 random bits, made for this job
+    servers = [c for c in calls(env, "python") if "sglang.launch_server" in c["argv"]]
+    assert len(servers) == 4
+    for server in servers:
+        argv = server["argv"]
+        assert argv[argv.index("--api-key") + 1] == key and server["env"]["DAPO_API_KEY"] == key
+    # Neither the srun command lines (which Slurm records) nor the job's output hold the key.
+    assert all(key not in " ".join(c["argv"]) for c in calls(env, "srun"))
+    assert key not in result.stdout + result.stderr
+    again = run(SBATCH_7B, dict(env, FAKE_LOG=env["FAKE_LOG"] + ".2"))
+    (train,) = [
+        c for c in calls(dict(env, FAKE_LOG=env["FAKE_LOG"] + ".2"), "python") if "train" in c["argv"][1]
+    ]
+    assert again.returncode == 0 and train["env"]["DAPO_API_KEY"] != key  # a new key per job
+
+
 def test_usr1_reaches_training_which_checkpoints_and_the_job_requeues(fake_cluster):
     env = dict(fake_cluster, FAKE_TRAIN_SECONDS="60")
     batch = subprocess.Popen(
@@ -228,6 +250,7 @@ def test_dry_run_prints_config_and_each_nodes_commands_and_starts_nothing(fake_c
         assert "torchrun --nnodes=2 --nproc-per-node=8" in command
         assert "--rdzv-endpoint=gpu-a01:20077" in command and "rollout.colocate=false" in command
     assert "Parallel layout" in out  # the plan's table
+    assert all('--api-key "$DAPO_API_KEY"' in c for c in by_node["gpu-a03"])  # named, never printed
     # Nothing started: only node names and the planner were asked for; no run directory appeared.
     assert {c["prog"] for c in calls(env)} == {"scontrol"}
     assert not Path(env["RUN_DIR"]).exists()

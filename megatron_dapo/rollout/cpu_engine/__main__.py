@@ -8,18 +8,20 @@ machine one decode step of the tests' tiny model took 6 ms with one thread and 3
 
 import argparse
 import contextlib
-import ipaddress
 import logging
+import os
 import random
+import sys
 
 import torch
 from aiohttp import web
 from transformers import GenerationConfig
 
 from megatron_dapo.data.tokenizer import load_tokenizer
+from megatron_dapo.rollout.api_key import API_KEY_ENV, api_key_from_env
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
-from megatron_dapo.rollout.cpu_engine.server import EngineServer
+from megatron_dapo.rollout.cpu_engine.server import EngineServer, ServerSettings, is_loopback
 
 logger = logging.getLogger("megatron_dapo.rollout.cpu_engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +51,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--random-seed", type=int, help="seeds requests that carry no sampling_seed")
     parser.add_argument("--weight-version", default="default", help="reported until the first weight update")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--api-key",
+        help=f"refuse requests without 'Authorization: Bearer KEY' (/health excepted), as SGLang does; "
+        f"default: ${API_KEY_ENV}, which keeps the key out of the process list",
+    )
+    parser.add_argument(
+        "--allow-auto-truncate", action="store_true",
+        help="SGLang's flag: cap max_new_tokens at the context length instead of refusing the request",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-request-mib", type=float, default=64, help="largest request body (MiB); larger ones get 413"
+    )
+    parser.add_argument(
+        "--max-sequences-per-request", type=int, default=1024, help="prompts x n of one /generate, at most"
+    )
+    parser.add_argument(
+        "--weight-group-timeout", type=float, default=60.0,
+        help="seconds each weight-update broadcast, and each try to reach the trainer's store, may wait "
+        "(torch tries twice: an unanswered join ends after about twice this)",
+    )  # fmt: skip
     # Accepted so that a command line written for sglang.launch_server also starts the CPU engine.
     parser.add_argument("--mem-fraction-static", type=float, help="no effect on CPU")
     parser.add_argument(
@@ -57,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tp_size != 1:
         parser.error(f"--tp-size {args.tp_size}: the CPU engine runs one process; use --tp-size 1")
+    for name in ("max_request_mib", "max_sequences_per_request", "weight_group_timeout"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+    args.api_key = args.api_key or api_key_from_env()
     if args.random_seed is None:
         args.random_seed = random.randrange(2**31)  # SGLang's default too: a random seed
     return args
@@ -83,11 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
     )
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         logger.warning(
-            "binding to %s: /update_weights_from_tensor unpickles what it receives; never expose this port",
+            "binding to %s: /update_weights_from_tensor unpickles what it receives; never expose this port%s",
             args.host,
+            "" if args.api_key else f" (and no API key is set: set {API_KEY_ENV})",
         )
+    elif sys.platform == "linux":  # the sockets of weight-update groups (gloo) stay on loopback too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     runner = ModelRunner(args.model_path, DTYPES[args.dtype], args.context_length)
     tokenizer_path = None if args.skip_tokenizer_init else (args.tokenizer_path or args.model_path)
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -96,20 +125,23 @@ def main(argv: list[str] | None = None) -> None:
         eos_token_ids=eos_token_ids(args.model_path, runner.model.config, tokenizer),
         max_running_requests=args.max_running_requests,
         seed=args.random_seed,
+        allow_auto_truncate=args.allow_auto_truncate,
     )
-    server = EngineServer(runner, scheduler, tokenizer, args.model_path, tokenizer_path, args.weight_version)
+    settings = ServerSettings(
+        host=args.host,
+        api_key=args.api_key,
+        max_request_bytes=int(args.max_request_mib * 2**20),
+        max_sequences_per_request=args.max_sequences_per_request,
+        weight_group_timeout_s=args.weight_group_timeout,
+    )
+    server = EngineServer(
+        runner, scheduler, tokenizer, args.model_path, tokenizer_path, args.weight_version, settings
+    )
     logger.info("CPU engine serving %s on http://%s:%d", args.model_path, args.host, args.port)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its sequences.
     web.run_app(
         server.app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True
     )
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 if __name__ == "__main__":
