@@ -68,7 +68,7 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Entry] | None:
         entries = dict(manifest["files"])
         for name, entry in entries.items():
             _check_entry(name, entry)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:  # any damage to the manifest
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # any damage to the manifest
         raise CorruptCheckpointError(f"{path} is unreadable ({error!r})") from None
     return entries
 
