@@ -147,7 +147,7 @@ def test_dtypes(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf_fp16").dtype == torch.float16
 
 
-def test_command_lines(tmp_path, capsys):
+def test_command_lines(tmp_path, capsys, user_error):
     hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", tie=True)
     convert.hf_to_megatron_main(
         [str(hf_dir), str(tmp_path / "m"), "--tp", "2", "--pp", "2", "--dtype", "bfloat16"]
@@ -160,8 +160,8 @@ def test_command_lines(tmp_path, capsys):
     assert read_meta(tmp_path / "r").dtype == "bfloat16"
 
     # A non-empty output directory is refused, then replaced with --overwrite.
-    with pytest.raises(SystemExit, match="not empty: pass --overwrite"):
-        convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back")])
+    argv = [str(tmp_path / "r"), str(tmp_path / "back")]
+    assert "not empty: pass --overwrite" in user_error(convert.megatron_to_hf_main, argv)
     (tmp_path / "back" / "stale.safetensors").write_text("old")
     convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back"), "--overwrite"])
     assert not (tmp_path / "back" / "stale.safetensors").exists()
