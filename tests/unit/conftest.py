@@ -7,9 +7,10 @@ import pytest
 
 @pytest.fixture
 def user_error(capsys) -> Callable[..., str]:
-    """`user_error(main, argv)` -> the command's stderr, once it is shown to be a user error.
+    """`user_error(main, argv)` -> the command's error line, once it is shown to be a user error.
 
-    `one_line=False` allows lines after the error line (a data file's bad rows are listed one per line).
+    Only argparse's usage may come before it. `one_line=False` allows lines after it (a data file's bad
+    rows are listed one per line) and returns them too.
     """
 
     def run(main: Callable[[Sequence[str]], object], argv: Sequence[str], *, one_line: bool = True) -> str:
@@ -20,8 +21,10 @@ def user_error(capsys) -> Callable[..., str]:
         assert exit_info.value.code == 2, err
         assert "Traceback" not in err, err
         lines = err.strip().splitlines()
-        assert [": error: " in line for line in lines[:1]] == [True], err
-        assert not one_line or len(lines) == 1, err
-        return err
+        at = next((i for i, line in enumerate(lines) if ": error: " in line), None)
+        assert at is not None, err
+        assert all(line.startswith(("usage:", " ")) for line in lines[:at]), err  # argparse's usage
+        assert not one_line or at == len(lines) - 1, err
+        return "\n".join(lines[at:])
 
     return run
