@@ -68,7 +68,6 @@ PAPER_MAX_NEW_TOKENS = 20480
 
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
-# What the command reports as one line rather than a traceback: each message says what to fix.
 # Besides bad input, what ends an evaluation with its message rather than a traceback (ValueError: a model
 # directory or tokenizer that cannot serve, found while loading).
 RUN_ERRORS = (EngineError, ServerStartError, ValueError)
