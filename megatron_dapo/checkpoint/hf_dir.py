@@ -108,7 +108,7 @@ class SafetensorsDir:
             with safe_open(file, framework="pt") as f:
                 return f.get_tensor(name)
         except (SafetensorError, OSError) as error:
-            raise UserError(f"{file}: cannot read tensor {name} ({error}): the file is damaged") from None
+            raise UserError(f"{file}: cannot read tensor {name} ({error})") from None
 
     def _check(self, name: str) -> str:
         if name not in self.file_of:
