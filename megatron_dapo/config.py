@@ -4,11 +4,13 @@ A config file is YAML whose top-level keys are the sections below. Two extra key
 `inherit: other.yaml` (a path relative to the file) loads that file first, and `preset: NAME` applies one of
 the PRESETS (the rows of the paper's ablation table) to the algorithm section before the file's own values.
 Overrides on the command line are `section.field=value`, the value parsed as YAML (`rollout.top_p=0.7`).
-Every unknown key and impossible value is rejected before anything starts, with the key and the fix named.
+Every unknown key and impossible value is rejected before anything starts, with the key and the fix named:
+each numeric field against its allowed interval (RANGES), then the settings that depend on each other.
 """
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_dapo.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config that cannot work; the message names the key and what to change."""
 
 
@@ -232,10 +236,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     A `preset=NAME` override applies the preset over everything the files set, then later overrides apply.
     """
-    raw = _load_yaml_tree(Path(path)) if path else {}
+    raw = _load_yaml_tree(Path(path), ()) if path else {}
     for override in overrides or []:
         if override.partition("=")[0].strip() == "preset":
-            raw = _merge(raw, _expand_preset({"preset": yaml.safe_load(override.partition("=")[2])}))
+            raw = _merge(raw, _expand_preset({"preset": _override_value(override)}))
         else:
             _apply_override(raw, override)
     return from_dict(raw)
@@ -258,19 +262,46 @@ def _expand_preset(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _load_yaml_tree(path: Path) -> dict[str, Any]:
+def _load_yaml_tree(path: Path, inherited_by: tuple[Path, ...]) -> dict[str, Any]:
     """A file's tree over the tree it inherits; its preset applies at its own level, so it beats the parent's
-    algorithm values and loses to its own."""
+    algorithm values and loses to its own. `inherited_by`: the files that led here, to refuse a loop."""
+    if path in inherited_by:
+        chain = " -> ".join(str(p) for p in (*inherited_by, path))
+        raise ConfigError(f"inherit: {chain} is a loop: remove one of these inherit keys")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = _parse_yaml(_read_text(path), str(path)) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(tree).__name__}")
     parent = tree.pop("inherit", None)
     tree = _expand_preset(tree)
     if parent is None:
         return tree
-    return _merge(_load_yaml_tree((path.parent / parent).resolve()), tree)
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: inherit must name one YAML file (relative to this one), got {parent!r}")
+    return _merge(_load_yaml_tree((path.parent / parent).resolve(), (*inherited_by, path.resolve())), tree)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}): save it as UTF-8 YAML") from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> value; a syntax error becomes one line saying where."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+
+
+def _override_value(override: str) -> Any:
+    return _parse_yaml(override.partition("=")[2], f"override {override!r}")
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +313,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
-    key, sep, text = override.partition("=")
+    key, sep, _ = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r}: write it as section.field=value, e.g. rollout.top_p=0.7")
     *parents, leaf = key.strip().split(".")
@@ -291,7 +322,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is a value, not a section")
-    node[leaf] = yaml.safe_load(text)
+    node[leaf] = _override_value(override)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -348,48 +379,114 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+@dataclass(frozen=True)
+class Interval:
+    """The values a numeric field may take; an infinite end is never included, so NaN and inf never pass."""
+
+    low: float
+    high: float = math.inf
+    ends: Literal["[]", "[)", "(]", "()"] = "[)"  # which ends are included, as in interval notation
+    note: str = ""  # what a special value means ("0: off")
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.ends[0] == "[" else value > self.low
+        below = value <= self.high if self.ends[1] == "]" else value < self.high
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>=' if self.ends[0] == '[' else '>'} {_number(self.low)}"
+        return f"in {self.ends[0]}{_number(self.low)}, {_number(self.high)}{self.ends[1]}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+_AT_LEAST_1 = Interval(1)
+_POSITIVE = Interval(0, ends="()")
+_PROBABILITY = Interval(0, 1, "(]")
+# Every numeric field of the tree and the values it may take (a test checks that none is missing). None, in an
+# optional field, means "off" and is not checked. Settings that depend on each other: `validate`.
+RANGES: dict[str, Interval] = {
+    "algorithm.samples_per_prompt": _AT_LEAST_1,
+    "algorithm.clip_eps_low": Interval(0, 1),
+    "algorithm.clip_eps_high": Interval(0),
+    "algorithm.dual_clip": Interval(1, ends="()", note="; null disables it"),
+    "algorithm.overlong_buffer_tokens": Interval(0),
+    "algorithm.max_sampling_rounds": _AT_LEAST_1,
+    "algorithm.rollout_is_cap": Interval(1, note="; null disables it"),
+    "data.max_prompt_tokens": _AT_LEAST_1,
+    "model.logprob_chunk_tokens": Interval(0, note=" (0: the plain path)"),
+    "parallel.tensor": _AT_LEAST_1,
+    "parallel.pipeline": _AT_LEAST_1,
+    "parallel.context": _AT_LEAST_1,
+    "rollout.num_servers": _AT_LEAST_1,
+    "rollout.server_tp": _AT_LEAST_1,
+    "rollout.mem_fraction": Interval(0, 1, "()"),
+    "rollout.base_port": Interval(0, 65535, "[]", " (0: free ports)"),
+    "rollout.max_response_tokens": _AT_LEAST_1,
+    "rollout.temperature": Interval(0, ends="()", note=" (training samples from the policy)"),
+    "rollout.top_p": _PROBABILITY,
+    "rollout.top_k": Interval(-1, note=" (-1: off)"),  # and not 0: see validate
+    "rollout.max_inflight_prompts": Interval(0, note=" (0: prompts_per_step x 2)"),
+    "rollout.max_running_requests": Interval(0, note=" (0: the engine's default)"),
+    "rollout.weight_sync_bucket_mb": _AT_LEAST_1,
+    "optimizer.lr": _POSITIVE,
+    "optimizer.warmup_steps": Interval(0),
+    "optimizer.weight_decay": Interval(0),
+    "optimizer.adam_beta1": Interval(0, 1),
+    "optimizer.adam_beta2": Interval(0, 1),
+    "optimizer.adam_eps": _POSITIVE,
+    "optimizer.clip_grad": Interval(0, note=" (0 disables clipping)"),
+    "train.prompts_per_step": _AT_LEAST_1,
+    "train.samples_per_minibatch": _AT_LEAST_1,
+    "train.tokens_per_microbatch": _AT_LEAST_1,
+    "train.steps": _AT_LEAST_1,
+    "train.seed": Interval(0, 2**32 - 1, "[]"),  # numpy refuses negative seeds; 32 bits suit every consumer
+    "checkpoint.save_every_steps": Interval(0, note=" (0: never)"),
+    "checkpoint.keep_last": Interval(0, note=" (0 keeps all)"),
+    "eval.every_steps": Interval(0, note=" (0: never)"),
+    "eval.samples_per_problem": _AT_LEAST_1,
+    "eval.temperature": Interval(0, note=" (0: greedy)"),
+    "eval.top_p": _PROBABILITY,
+    "eval.max_response_tokens": Interval(0, note=" (0: rollout.max_response_tokens)"),
+}
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_ranges(cfg: DapoConfig) -> None:
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value is None or value in allowed, key, f"must be {allowed}{allowed.note}, got {value}")
+
+
 def validate(cfg: DapoConfig) -> None:
     """Reject settings that cannot work, naming the key and the fix."""
-    a, r, t, o, p = cfg.algorithm, cfg.rollout, cfg.train, cfg.optimizer, cfg.parallel
-    _require(a.samples_per_prompt >= 1, "algorithm.samples_per_prompt", "must be at least 1")
+    _check_ranges(cfg)
+    a, r, t, p = cfg.algorithm, cfg.rollout, cfg.train, cfg.parallel
     _require(
         not a.dynamic_sampling or a.samples_per_prompt >= 2,
         "algorithm.dynamic_sampling",
         "needs samples_per_prompt >= 2 (a group of one is always all-correct or all-wrong)",
     )
-    _require(0 <= a.clip_eps_low < 1, "algorithm.clip_eps_low", "must be in [0, 1)")
-    _require(a.clip_eps_high >= 0, "algorithm.clip_eps_high", "must be >= 0")
-    _require(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", "must be > 1, or null to disable")
-    _require(a.rollout_is_cap is None or a.rollout_is_cap >= 1, "algorithm.rollout_is_cap", "must be >= 1")
-    _require(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be at least 1")
     _require(
         not a.overlong_penalty or 0 < a.overlong_buffer_tokens < r.max_response_tokens,
         "algorithm.overlong_buffer_tokens",
         f"must be in (0, rollout.max_response_tokens={r.max_response_tokens}) when overlong_penalty is on",
     )
-    _require(r.max_response_tokens >= 1, "rollout.max_response_tokens", "must be at least 1")
-    _require(r.temperature > 0, "rollout.temperature", "must be > 0 (training samples from the policy)")
-    _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _require(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
-    _require(r.num_servers >= 1, "rollout.num_servers", "must be at least 1")
-    _require(0 <= r.base_port < 65536, "rollout.base_port", "must be a port number, or 0 for free ports")
-    _require(0 < r.mem_fraction < 1, "rollout.mem_fraction", "must be in (0, 1)")
-    _require(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be at least 1")
-    _require(r.max_inflight_prompts >= 0, "rollout.max_inflight_prompts", "must be >= 0")
-    _require(r.max_running_requests >= 0, "rollout.max_running_requests", "must be >= 0 (0: engine default)")
-    _require(t.prompts_per_step >= 1, "train.prompts_per_step", "must be at least 1")
+    _require(r.top_k != 0, "rollout.top_k", "must be -1 (off) or >= 1")
     samples_per_step = t.prompts_per_step * a.samples_per_prompt
     _require(
-        t.samples_per_minibatch >= 1 and samples_per_step % t.samples_per_minibatch == 0,
+        samples_per_step % t.samples_per_minibatch == 0,
         "train.samples_per_minibatch",
         f"must divide prompts_per_step x samples_per_prompt = {samples_per_step}",
     )
-    _require(t.tokens_per_microbatch >= 1, "train.tokens_per_microbatch", "must be at least 1")
     longest_sample = cfg.data.max_prompt_tokens + r.max_response_tokens  # tokens, before the CP split
     _require(
         t.tokens_per_microbatch * p.context >= longest_sample,
@@ -398,16 +495,27 @@ def validate(cfg: DapoConfig) -> None:
         f"{longest_sample} tokens) split over parallel.context={p.context}: raise it to at least "
         f"{-(-longest_sample // p.context)}, raise parallel.context, or lower those limits",
     )
-    _require(o.lr > 0, "optimizer.lr", "must be > 0")
-    _require(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
-    _require(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
-    for name in ("tensor", "pipeline", "context"):
-        _require(getattr(p, name) >= 1, f"parallel.{name}", "must be at least 1")
     _require(
         not p.sequence_parallel or p.tensor > 1,
         "parallel.sequence_parallel",
         "needs parallel.tensor > 1 (it shards activations over the TP group)",
     )
-    _require(cfg.checkpoint.save_every_steps >= 0, "checkpoint.save_every_steps", "must be >= 0 (0: never)")
-    _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")
-    _require(cfg.eval.samples_per_problem >= 1, "eval.samples_per_problem", "must be at least 1")
+
+
+def validate_launch(cfg: DapoConfig, *, world_size: int, cuda: bool) -> None:
+    """Reject settings the processes the run was launched with cannot hold, before any process group forms."""
+    p = cfg.parallel
+    model_parallel = p.tensor * p.pipeline * p.context
+    _require(
+        world_size % model_parallel == 0,
+        ", ".join(
+            f"parallel.{n}={getattr(p, n)}" for n in ("tensor", "pipeline", "context") if getattr(p, n) > 1
+        ),
+        f"tensor x pipeline x context = {model_parallel} must divide the {world_size} processes launched: "
+        f"launch a multiple of {model_parallel} (torchrun --nproc-per-node), or lower these degrees",
+    )
+    _require(
+        cuda or not p.sequence_parallel,
+        "parallel.sequence_parallel",
+        "needs CUDA (megatron's CPU norm refuses it): set it to false on CPU",
+    )

@@ -38,13 +38,13 @@ from megatron_dapo.checkpoint.meta import META_FILE, hf_assets_dir
 from megatron_dapo.data.catalog import DATASETS, dataset_file
 from megatron_dapo.data.dataset import (
     LAYOUTS,
-    BadDataError,
     OnBadRow,
     TokenizedPrompt,
     load_prompts,
 )
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE
 from megatron_dapo.data.tokenizer import load_tokenizer as load_tokenizer_dir
+from megatron_dapo.errors import exit_on_user_error
 from megatron_dapo.reward import (
     avg_at_k,
     compute_score,
@@ -69,8 +69,9 @@ PAPER_MAX_NEW_TOKENS = 20480
 
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
-# What the command reports as one line rather than a traceback: each message says what to fix.
-USER_ERRORS = (BadDataError, EngineError, FileNotFoundError, FileExistsError, ServerStartError, ValueError)
+# Besides bad input, what ends an evaluation with its message rather than a traceback (ValueError: a model
+# directory or tokenizer that cannot serve, found while loading).
+RUN_ERRORS = (EngineError, ServerStartError, ValueError)
 
 
 # ---- results ------------------------------------------------------------------------------------------
@@ -515,7 +516,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("samples", "max_new_tokens", "num_servers", "server_tp", "max_prompt_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # NaN compares false: refused
         parser.error(f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     if args.engine == "cpu" and args.server_tp != 1:
         parser.error("--server-tp: the CPU engine runs on one process; leave it at 1")
@@ -623,10 +624,8 @@ async def run(args: argparse.Namespace) -> dict[str, EvalResult]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with exit_on_user_error("dapo-eval", *RUN_ERRORS):
         results = asyncio.run(run(args))
-    except USER_ERRORS as error:
-        sys.exit(f"dapo-eval: {error}")
     print(format_table(results))
     print(f"wrote {args.out / RESULTS_FILE} and {args.out / SAMPLES_FILE}", file=sys.stderr)
 

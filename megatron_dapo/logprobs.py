@@ -12,7 +12,7 @@ numbers with the rollout engine's (train/inference mismatch), at the parallel la
 
 import argparse
 import json
-import sys
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from megatron_dapo.checkpoint.hf_dir import SafetensorsDir, read_config
 from megatron_dapo.checkpoint.meta import META_FILE, hf_assets_dir, read_meta
 from megatron_dapo.checkpoint.model_io import load_model
 from megatron_dapo.data.packing import Sample, pack, plan_microbatches, sequence_pad_multiple
+from megatron_dapo.errors import exit_on_user_error
 from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
@@ -56,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--chunk-tokens", type=int, default=None, help="memory-bounded log-probs, this many tokens at a time"
     )
     args = parser.parse_args(argv)
-    if not args.temperature > 0:
+    for flag in ("tp", "pp", "cp", "tokens_per_microbatch", "chunk_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 < args.temperature < math.inf:  # NaN compares false: refused
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     return args
 
@@ -87,15 +92,13 @@ def read_samples(path: Path) -> list[Sample]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dims = ParallelDims(tp=args.tp, pp=args.pp, cp=args.cp)
-    try:
+    # Bad input or checkpoint (ValueError, KeyError): the message says what to change.
+    with exit_on_user_error("dapo-logprobs", ValueError, KeyError):
         pg = init_parallel(dims)
         try:
             run(args, dims, pg)
         finally:
             destroy_parallel()
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        # Bad input or checkpoint: the message says what to change; a traceback would only bury it.
-        sys.exit(f"dapo-logprobs: error: {error}")
 
 
 def run(args: argparse.Namespace, dims: ParallelDims, pg) -> None:

@@ -26,25 +26,17 @@ Where this departs from the paper and its verl reference implementation:
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
 from megatron_dapo.algo import DynamicSamplingError
 from megatron_dapo.checkpoint.manifest import CorruptCheckpointError
-from megatron_dapo.config import ConfigError, load_config
-from megatron_dapo.data.dataset import BadDataError
+from megatron_dapo.config import load_config
+from megatron_dapo.errors import exit_on_user_error
 from megatron_dapo.rollout.launcher import ServerStartError
 from megatron_dapo.trainer.loop import Trainer
 
-# Reported as one line saying what to change, rather than as a traceback.
-USER_ERRORS = (
-    ConfigError,
-    BadDataError,
-    DynamicSamplingError,
-    FileNotFoundError,
-    ServerStartError,
-    CorruptCheckpointError,
-)
+# Besides bad input, what ends a run with a message saying what to change rather than with a traceback.
+RUN_ERRORS = (DynamicSamplingError, ServerStartError, CorruptCheckpointError)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -57,12 +49,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
+    with exit_on_user_error("dapo-train", *RUN_ERRORS):
         cfg = load_config(args.config, args.overrides)
         with Trainer(cfg) as trainer:
             trainer.fit()
-    except USER_ERRORS as error:
-        sys.exit(f"dapo-train: {error}")
 
 
 if __name__ == "__main__":

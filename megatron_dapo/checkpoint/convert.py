@@ -15,7 +15,6 @@ import contextlib
 import json
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from megatron_dapo.checkpoint.hf_dir import (
     write_safetensors,
 )
 from megatron_dapo.checkpoint.hf_mapping import (
+    HF_EMBEDDING,
+    HF_HEAD,
     HFMapping,
     Layout,
     TensorMap,
@@ -41,6 +42,7 @@ from megatron_dapo.checkpoint.hf_mapping import (
 )
 from megatron_dapo.checkpoint.meta import CheckpointMeta, hf_assets_dir, read_meta, write_meta
 from megatron_dapo.checkpoint.torch_dist import CheckpointReader, Placement, write_checkpoint
+from megatron_dapo.errors import exit_on_user_error
 from megatron_dapo.model.arch import GPTArch, padded_vocab_size
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -219,6 +221,7 @@ def _check_hf_weights(mapping: HFMapping, weights: SafetensorsDir) -> None:
     """Every tensor config.json implies is present with its shape, and nothing else is: before writing."""
     for name in weights.names:
         mapping.for_hf(name)  # raises on a tensor the architecture does not have
+    _check_tied_head(mapping, weights)
     for entry in mapping.tensors:
         for name, shape in zip(entry.hf, mapping.hf_shapes(entry), strict=True):
             if name not in weights.file_of:
@@ -231,6 +234,19 @@ def _check_hf_weights(mapping: HFMapping, weights: SafetensorsDir) -> None:
                     f"config/weights mismatch: {name} has shape {weights.shape(name)} in the weights, "
                     f"config.json implies {shape}"
                 )
+
+
+def _check_tied_head(mapping: HFMapping, weights: SafetensorsDir) -> None:
+    """With tie_word_embeddings the output layer is the embedding, so a stored lm_head.weight is dropped:
+    fine when it is a copy of the embedding, an error when it differs (the model would change)."""
+    if not mapping.dims.tie_word_embeddings or HF_HEAD not in weights.file_of:
+        return
+    head, embedding = weights.get(HF_HEAD), weights.get(HF_EMBEDDING)
+    if head.shape != embedding.shape or not torch.equal(head, embedding):
+        raise ValueError(
+            f"{weights.file_of[HF_HEAD]}: config.json sets tie_word_embeddings=true but {HF_HEAD} differs "
+            f"from {HF_EMBEDDING}: set tie_word_embeddings=false to keep the head, or drop {HF_HEAD}"
+        )
 
 
 def _open_megatron(ckpt_dir: Path) -> tuple[HFMapping, CheckpointReader]:
@@ -258,6 +274,10 @@ def _output_dir(out_dir: Path, overwrite: bool, source: Path) -> Iterator[Path]:
     out_dir, source = out_dir.resolve(), source.resolve()
     if out_dir == source or out_dir in source.parents:
         raise ValueError(f"output directory {out_dir} would overwrite the input {source}: choose another one")
+    if source in out_dir.parents:
+        raise ValueError(f"output directory {out_dir} is inside the input {source}: choose one outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output directory {out_dir} is a file: choose a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out_dir} is not empty: pass --overwrite to replace it")
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
@@ -298,8 +318,8 @@ def parse_size(text: str) -> int:
 # ---- command lines ------------------------------------------------------------------------------------
 
 
-def _parser(description: str, source: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def _parser(prog: str, description: str, source: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("source", metavar=source, type=Path)
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path)
     parser.add_argument(
@@ -318,30 +338,35 @@ def _add_parallel(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(convert: Callable[[], Summary]) -> None:
-    """Run a conversion; a user error ends the process with its message, not a traceback."""
-    try:
-        summary = convert()
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
-        sys.exit(f"error: {error.args[0] if isinstance(error, KeyError) else error}")
-    print(summary)
+def _run(parser: argparse.ArgumentParser, convert: Callable[[], Summary]) -> None:
+    """Run a conversion; bad input ends the process with its message, not a traceback (ValueError: weights
+    that do not fit config.json or the parallel sizes; KeyError: a tensor missing from a checkpoint)."""
+    with exit_on_user_error(parser.prog, ValueError, KeyError):
+        print(convert())
 
 
 def hf_to_megatron_main(argv: list[str] | None = None) -> None:
-    parser = _parser("Convert a Hugging Face checkpoint to a Megatron torch_dist checkpoint.", "HF_DIR")
+    parser = _parser(
+        "dapo-convert-hf-to-megatron",
+        "Convert a Hugging Face checkpoint to a Megatron torch_dist checkpoint.",
+        "HF_DIR",
+    )
     _add_parallel(parser)
     args = parser.parse_args(argv)
     dtype = DTYPES.get(args.dtype)
     _run(
+        parser,
         lambda: hf_to_megatron(
             args.source, args.out_dir, tp=args.tp, pp=args.pp, dtype=dtype, overwrite=args.overwrite
-        )
+        ),
     )
 
 
 def megatron_to_hf_main(argv: list[str] | None = None) -> None:
     parser = _parser(
-        "Convert a Megatron torch_dist checkpoint (any TP/PP) to Hugging Face safetensors.", "MEGATRON_DIR"
+        "dapo-convert-megatron-to-hf",
+        "Convert a Megatron torch_dist checkpoint (any TP/PP) to Hugging Face safetensors.",
+        "MEGATRON_DIR",
     )
     parser.add_argument(
         "--max-shard-size",
@@ -353,23 +378,27 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dtype = DTYPES.get(args.dtype)
     _run(
+        parser,
         lambda: megatron_to_hf(
             args.source,
             args.out_dir,
             dtype=dtype,
             max_shard_bytes=args.max_shard_size,
             overwrite=args.overwrite,
-        )
+        ),
     )
 
 
 def reshard_main(argv: list[str] | None = None) -> None:
-    parser = _parser("Lay a Megatron torch_dist checkpoint out for another TP/PP.", "MEGATRON_DIR")
+    parser = _parser(
+        "dapo-reshard", "Lay a Megatron torch_dist checkpoint out for another TP/PP.", "MEGATRON_DIR"
+    )
     _add_parallel(parser)
     args = parser.parse_args(argv)
     dtype = DTYPES.get(args.dtype)
     _run(
+        parser,
         lambda: reshard(
             args.source, args.out_dir, tp=args.tp, pp=args.pp, dtype=dtype, overwrite=args.overwrite
-        )
+        ),
     )

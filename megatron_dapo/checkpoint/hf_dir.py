@@ -2,13 +2,16 @@
 shards, and the non-weight files (config.json, tokenizer, generation config) copied alongside."""
 
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from megatron_dapo.errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -23,7 +26,18 @@ def read_config(hf_dir: Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a Hugging Face model directory needs its config.json")
-    return json.loads(path.read_text())
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; anything else is an error naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def config_dtype(config: dict) -> torch.dtype | None:
@@ -44,21 +58,17 @@ class SafetensorsDir:
         self.file_of: dict[str, Path] = {}
         self._headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for file in self._weight_files():
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                    view = f.get_slice(name)
-                    if view.get_dtype() not in _DTYPES:
-                        raise ValueError(
-                            f"{file.name}: tensor {name} has unsupported dtype {view.get_dtype()}"
-                        )
-                    self.file_of[name] = file
-                    self._headers[name] = (tuple(view.get_shape()), _DTYPES[view.get_dtype()])
+            for name, (shape, dtype) in _read_header(file).items():
+                self.file_of[name] = file
+                self._headers[name] = (shape, dtype)
 
     def _weight_files(self) -> list[Path]:
         index = self.hf_dir / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({self.hf_dir / name for name in weight_map.values()})
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise UserError(f"{index}: expected a weight_map object of tensor name -> file name")
+            files = sorted({self._inside(index, name) for name in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError(
@@ -74,6 +84,14 @@ class SafetensorsDir:
             f"no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}) in {self.hf_dir}{hint}"
         )
 
+    def _inside(self, index: Path, name: str) -> Path:
+        """A file the index names, refused when its name leads outside the model directory (`../x`, `/x`).
+        Judged on the name, not on where symlinks lead: the hub's cache links every file to a blob."""
+        relative = Path(os.path.normpath(name))
+        if relative.is_absolute() or relative.parts[:1] == ("..",):
+            raise UserError(f"{index}: weight file {name!r} lies outside {self.hf_dir}: refusing to read it")
+        return self.hf_dir / relative
+
     @property
     def names(self) -> list[str]:
         return list(self.file_of)
@@ -85,13 +103,31 @@ class SafetensorsDir:
         return self._headers[self._check(name)][1]
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.file_of[self._check(name)], framework="pt") as f:
-            return f.get_tensor(name)
+        file = self.file_of[self._check(name)]
+        try:
+            with safe_open(file, framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{file}: cannot read tensor {name} ({error})") from None
 
     def _check(self, name: str) -> str:
         if name not in self.file_of:
             raise KeyError(f"tensor {name!r} is missing from the safetensors weights in {self.hf_dir}")
         return name
+
+
+def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each tensor of a safetensors file; a damaged or truncated file is named."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            views = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 - not a mapping
+            header = {name: (tuple(v.get_shape()), v.get_dtype()) for name, v in views.items()}
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{file}: not a readable safetensors file ({error})") from None
+    for name, (_, dtype) in header.items():
+        if dtype not in _DTYPES:
+            raise UserError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+    return {name: (shape, _DTYPES[dtype]) for name, (shape, dtype) in header.items()}
 
 
 def write_safetensors(

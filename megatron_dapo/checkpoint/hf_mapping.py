@@ -76,7 +76,8 @@ _LAYER_TABLE: tuple[tuple[str, tuple[str, ...], Layout, str | None], ...] = (
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT_LAYER = "output_layer.weight"
-_HF_EMBEDDING = "model.embed_tokens.weight"
+HF_EMBEDDING = "model.embed_tokens.weight"
+HF_HEAD = "lm_head.weight"  # absent, or a copy of the embedding, when tie_word_embeddings is set
 
 # The Transformer Engine spec fuses the pre-attention and pre-MLP norms into the following linear layer;
 # megatron's dist-checkpoint keys use these names for both specs.
@@ -98,13 +99,13 @@ class HFMapping:
         self._by_megatron = {t.megatron: t for t in self.tensors}
         if dims.tie_word_embeddings:
             self._by_megatron[OUTPUT_LAYER] = TensorMap(
-                OUTPUT_LAYER, (_HF_EMBEDDING,), Layout.VOCAB, tied_copy=True
+                OUTPUT_LAYER, (HF_EMBEDDING,), Layout.VOCAB, tied_copy=True
             )
         self._by_hf = {name: t for t in self.tensors for name in t.hf}
 
     def _build_table(self) -> list[TensorMap]:
         """Every tensor written to a checkpoint, in model order (the tied output layer excluded)."""
-        table = [TensorMap(EMBEDDING, (_HF_EMBEDDING,), Layout.VOCAB)]
+        table = [TensorMap(EMBEDDING, (HF_EMBEDDING,), Layout.VOCAB)]
         for i in range(self.dims.num_layers):
             for megatron, hf, layout, when in _LAYER_TABLE:
                 if when is None or getattr(self.dims, when):
@@ -118,7 +119,7 @@ class HFMapping:
                     )
         table.append(TensorMap(FINAL_NORM, ("model.norm.weight",), Layout.REPLICATED))
         if not self.dims.tie_word_embeddings:
-            table.append(TensorMap(OUTPUT_LAYER, ("lm_head.weight",), Layout.VOCAB))
+            table.append(TensorMap(OUTPUT_LAYER, (HF_HEAD,), Layout.VOCAB))
         return table
 
     # ---- names ----------------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ class HFMapping:
 
     def for_hf(self, hf_name: str) -> TensorMap | None:
         """The entry a Hugging Face tensor belongs to; None for tensors that are not weights."""
-        if _HF_IGNORED.search(hf_name) or (hf_name == "lm_head.weight" and self.dims.tie_word_embeddings):
+        if _HF_IGNORED.search(hf_name) or (hf_name == HF_HEAD and self.dims.tie_word_embeddings):
             return None
         if hf_name not in self._by_hf:
             raise KeyError(

@@ -21,6 +21,7 @@ from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_read
     CachedMetadataFileSystemReader,
 )
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -30,6 +31,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_dapo.errors import UserError
 
 # What megatron-core's dist_checkpointing.save writes besides the DCP files (megatron/core/dist_checkpointing:
 # core.py CheckpointingConfig -> metadata.json; the common, non-sharded state -> common.pt).
@@ -155,9 +158,18 @@ def write_checkpoint(
     planner = _StreamingSavePlanner(placements, compute, dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+        try:
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+        except CheckpointException as error:  # what `compute` raised (a damaged source, say), unwrapped
+            raise _cause(error) from None
     (out_dir / MEGATRON_CONFIG_FILE).write_text(json.dumps(_MEGATRON_CONFIG))
     torch.save({}, out_dir / MEGATRON_COMMON_FILE)
+
+
+def _cause(error: CheckpointException) -> BaseException:
+    """The exception DCP wrapped: its failures are (exception, stack) pairs, one per rank; here one rank."""
+    exception, _stack = next(iter(error.failures.values()))
+    return exception
 
 
 class _SliceLoadPlanner(DefaultLoadPlanner):
@@ -192,7 +204,12 @@ class CheckpointReader:
             )
         # One reader for every read: it parses the .metadata file (which lists every chunk) only once.
         self._storage = CachedMetadataFileSystemReader(self.ckpt_dir)
-        self.metadata = self._storage.read_metadata()
+        try:
+            self.metadata = self._storage.read_metadata()
+        except Exception as error:  # a damaged pickle can raise nearly any exception type
+            raise UserError(
+                f"{self.ckpt_dir / '.metadata'}: damaged or truncated ({type(error).__name__}: {error})"
+            ) from None
 
     def tensor_metadata(self, key: str) -> TensorStorageMetadata:
         md = self.metadata.state_dict_metadata.get(key)
@@ -211,10 +228,17 @@ class CheckpointReader:
         target = torch.empty(shape, dtype=md.properties.dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-            dcp.load(
-                {key: target},
-                storage_reader=self._storage,
-                planner=_SliceLoadPlanner(key, target, offsets),
-                no_dist=True,
-            )
+            try:
+                dcp.load(
+                    {key: target},
+                    storage_reader=self._storage,
+                    planner=_SliceLoadPlanner(key, target, offsets),
+                    no_dist=True,
+                )
+            except CheckpointException as error:
+                cause = _cause(error)
+                raise UserError(
+                    f"{self.ckpt_dir}: cannot read tensor {key}, a file is damaged "
+                    f"({type(cause).__name__}: {cause})"
+                ) from None
         return target if layer is None else target[0]

@@ -6,10 +6,12 @@ Exit status 0: it fits; 2: a config or model it cannot read; 3 (DOES_NOT_FIT): i
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
-from megatron_dapo.config import ConfigError, DapoConfig, load_config
+from megatron_dapo.config import DapoConfig, load_config
+from megatron_dapo.errors import exit_on_user_error
 from megatron_dapo.plan import (
     DOES_NOT_FIT,
     NAMED_MODELS,
@@ -75,15 +77,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+    with exit_on_user_error("dapo-plan", ValueError):  # ValueError: a model shape or cluster it cannot use
         cfg = load_config(args.config, args.overrides)
         shape = load_model_shape(args.model or _model_from_config(cfg))
         cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib, args.rollout_nodes)
         _check_cluster(cluster)
-    except (ConfigError, ValueError) as error:
-        print(f"dapo-plan: {error}", file=sys.stderr)
-        return 2
-    assume = Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)})
+        assume = Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)})
+        _check_assumptions(assume)
     plan = make_plan(cfg, shape, cluster, assume)
     if not plan.fits:
         plan.fixes = find_fixes(args.config, args.overrides, shape, cluster, assume)
@@ -106,8 +106,24 @@ def _check_cluster(cluster: Cluster) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= cluster.rollout_nodes < cluster.nodes:
         raise ValueError(f"--rollout-nodes must be in [0, --nodes={cluster.nodes})")
-    if cluster.gpu_memory_gib <= 0:
-        raise ValueError("--gpu-memory-gib must be > 0")
+    if not 0 < cluster.gpu_memory_gib < math.inf:
+        raise ValueError(f"--gpu-memory-gib must be > 0, got {cluster.gpu_memory_gib}")
+
+
+_FRACTIONS = ("mfu", "mean_response_fraction", "kept_group_fraction")
+
+
+def _check_assumptions(assume: Assumptions) -> None:
+    """Every number is finite and >= 0 (0 means "derive it" where a field says so), fractions in (0, 1]."""
+    for name in (f.name for f in dataclasses.fields(Assumptions)):
+        value = getattr(assume, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if name in _FRACTIONS and not 0 < value <= 1:
+            raise ValueError(f"{flag} must be in (0, 1], got {value}")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Prompt datasets from parquet or jsonl: layout detection, row validation, tokenization, resumable shuffling.
 
-Every bad row (no answer, empty prompt, prompt over the token limit) is found before training starts and
-reported by its row number and field; `on_bad_row` then skips them or rejects the whole file.
+Every bad row (no answer, an answer that normalises to nothing, empty prompt, prompt over the token limit) is
+found before training starts and reported by its row number and field; `on_bad_row` then skips them or
+rejects the whole file.
 """
 
 import json
@@ -12,19 +13,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
 from megatron_dapo.data.catalog import dataset_file, describe_missing
 from megatron_dapo.data.record import PromptRecord
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE, encode_prompts, is_templated
+from megatron_dapo.errors import UserError
+from megatron_dapo.reward.score import normalize_ground_truth
 
 logger = logging.getLogger(__name__)
 
 OnBadRow = Literal["skip", "error"]
 
 
-class BadDataError(ValueError):
+class BadDataError(UserError):
     """A dataset that cannot be used as configured; the message lists the rows at fault."""
 
 
@@ -80,11 +84,20 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(describe_missing(path))
     if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except pa.ArrowException as error:
+            raise BadDataError(f"{path}: not a parquet file pyarrow can read ({error})") from None
     if path.suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, start=1):
+        with path.open("rb") as lines:
+            for line_number, raw_line in enumerate(lines, start=1):
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadDataError(
+                        f"{path}, line {line_number}: not UTF-8 text; save the file as UTF-8"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -161,6 +174,10 @@ def _parse_answer(value: Any, answer_format: str) -> tuple[str | None, str]:
         text = text.rsplit("####", 1)[1].strip().replace(",", "")
     if not text:
         return None, "empty answer"
+    try:
+        normalize_ground_truth(text)  # "$" or "dollars": no response could ever match it
+    except ValueError as error:
+        return None, str(error)
     return text, ""
 
 

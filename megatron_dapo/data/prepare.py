@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 
 from megatron_dapo.data.catalog import DATASETS, dataset_file, describe_missing
 from megatron_dapo.data.dataset import (
-    BadDataError,
     BadRow,
     handle_bad_rows,
     lookup,
@@ -31,6 +30,7 @@ from megatron_dapo.data.dataset import (
     resolve_layout,
 )
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE, PROBLEM_PLACEHOLDER, is_templated
+from megatron_dapo.errors import UserError, exit_on_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def download(name: str, cache_dir: str | None = None) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", cache_dir=cache_dir))
     except Exception as error:  # offline, DNS, HTTP or cache errors all end the same way for the user
-        raise SystemExit(
+        raise UserError(
             f"could not download {filename} of the hub dataset {repo_id} ({type(error).__name__}: {error}).\n"
             f"Without a network, fetch https://huggingface.co/datasets/{repo_id}/resolve/main/{filename} "
             "elsewhere and run: dapo-prepare-data --source PATH_TO_THAT_FILE --out OUT"
@@ -177,19 +177,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.out.suffix not in (".parquet", ".jsonl"):
-        raise SystemExit(f"--out must end in .parquet or .jsonl, got {args.out}")
-    if args.from_hub:
-        if args.source not in HUB_SOURCES:
-            raise SystemExit(
-                f"--from-hub: --source must be one of {', '.join(HUB_SOURCES)}, got {args.source!r}"
-            )
-        path = download(args.source, args.cache_dir)
-    else:
-        path = dataset_file(args.source)
-        if not path.is_file():
-            raise SystemExit(f"--source: {describe_missing(args.source)}")
-    try:
+    with exit_on_user_error("dapo-prepare-data"):
+        if args.out.suffix not in (".parquet", ".jsonl"):
+            raise UserError(f"--out must end in .parquet or .jsonl, got {args.out}")
+        if args.from_hub:
+            if args.source not in HUB_SOURCES:
+                known = ", ".join(HUB_SOURCES)
+                raise UserError(f"--from-hub: --source must be one of {known}, got {args.source!r}")
+            path = download(args.source, args.cache_dir)
+        else:
+            path = dataset_file(args.source)
+            if not path.is_file():
+                raise UserError(f"--source: {describe_missing(args.source)}")
         conversion = convert(
             path,
             layout=args.format,
@@ -204,8 +203,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             total_rows=conversion.rows_read,
             max_reported=args.max_listed,
         )
-    except BadDataError as error:
-        raise SystemExit(f"dapo-prepare-data: {error}") from error
     write_rows(conversion.rows, args.out)
     print(report(conversion, args.max_listed), file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_dapo.algo import DynamicSamplingError
 from megatron_dapo.config import PRESETS, DapoConfig, load_config
 from megatron_dapo.data.arithmetic import generate_problems, write_jsonl
 from megatron_dapo.demo.warm_start import WarmStartSettings, held_out_problems, warm_start
+from megatron_dapo.errors import exit_on_user_error
+from megatron_dapo.rollout.launcher import ServerStartError
 from megatron_dapo.trainer.report import read_metrics, render_report
 from megatron_dapo.trainer.tracking import METRICS_FILE
 
@@ -37,11 +40,18 @@ THREADS = 1
 OUTPUTS = ("checkpoints", "tensorboard", "logs", METRICS_FILE, "report.png", "summary.json")
 
 
+def input_paths(out: Path) -> dict[str, Path]:
+    """Where `prepare_inputs` puts the model and the problems: known before they exist, so that the config
+    is checked before the warm start runs."""
+    data = out / "data"
+    return {"model": out / "model", "train": data / "train.jsonl", "eval": data / "eval.jsonl"}
+
+
 def prepare_inputs(out: Path, cache_dir: Path) -> dict[str, Path]:
     """The warm-started model (trained once, then taken from the cache) and the train / held-out problems."""
-    model = out / "model"
-    shutil.rmtree(model, ignore_errors=True)
-    shutil.copytree(warm_start(cache_dir, WARM_START), model)
+    paths = input_paths(out)
+    shutil.rmtree(paths["model"], ignore_errors=True)
+    shutil.copytree(warm_start(cache_dir, WARM_START), paths["model"])
     held_out = held_out_problems(WARM_START.task)
     unseen = {record.problem for record in held_out}
     train = [
@@ -49,11 +59,9 @@ def prepare_inputs(out: Path, cache_dir: Path) -> dict[str, Path]:
         for r in generate_problems(WARM_START.task, TRAIN_PROBLEMS, seed=TRAIN_SEED)
         if r.problem not in unseen
     ]
-    return {
-        "model": model,
-        "train": write_jsonl(train, out / "data" / "train.jsonl"),
-        "eval": write_jsonl(held_out, out / "data" / "eval.jsonl"),
-    }
+    write_jsonl(train, paths["train"])
+    write_jsonl(held_out, paths["eval"])
+    return paths
 
 
 def demo_config(out: Path, inputs: dict[str, Path], overrides: Sequence[str] = ()) -> DapoConfig:
@@ -94,9 +102,10 @@ def run_demo(out: Path, *, preset: str, cache_dir: Path, overrides: Sequence[str
     from megatron_dapo.trainer.loop import Trainer
 
     started = time.perf_counter()
+    cfg = demo_config(out, input_paths(out), [f"preset={preset}", *overrides])  # a typo fails here, at once
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out)
-    cfg = demo_config(out, prepare_inputs(out, cache_dir), [f"preset={preset}", *overrides])
+    prepare_inputs(out, cache_dir)
     with Trainer(cfg) as trainer:
         trainer.fit()
     curve = accuracy_curve(out, cfg.eval.samples_per_problem)
@@ -135,8 +144,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # on a machine that has some. Set before anything asks torch about CUDA; the engine inherits it.
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(THREADS)
-    overrides = [*([f"train.steps={args.steps}"] if args.steps else []), *args.overrides]
-    summary = run_demo(args.out, preset=args.preset, cache_dir=args.cache_dir, overrides=overrides)
+    overrides = [*([f"train.steps={args.steps}"] if args.steps is not None else []), *args.overrides]
+    with exit_on_user_error("dapo-demo", DynamicSamplingError, ServerStartError):
+        summary = run_demo(args.out, preset=args.preset, cache_dir=args.cache_dir, overrides=overrides)
     print(
         f"\nDAPO demo ({summary['preset']}, {summary['steps']} steps, {summary['wall_time_s']:.0f} s): "
         f"held-out accuracy {summary['accuracy_start']:.1%} at the start -> {summary['accuracy_end']:.1%} at "

@@ -106,6 +106,8 @@ class GPTArch:
             "num_key_value_heads": self.num_query_groups,
             "intermediate_size": self.ffn_hidden_size,
         }
+        if tp < 1 or pp < 1:  # a negative size would divide everything, zero nothing
+            return [f"parallel sizes must be at least 1, got tensor {tp} and pipeline {pp} (--tp/--pp)"]
         problems = []
         undivided = [f"{name}={value}" for name, value in tp_split.items() if value % tp]
         if undivided:

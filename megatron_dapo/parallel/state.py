@@ -65,7 +65,7 @@ def init_parallel(
     """
     apply_cpu_shims()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
+        if not _launched_by_torchrun():
             os.environ.update(
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(_free_port()),
@@ -89,6 +89,17 @@ def init_parallel(
     # Same seed on every rank: megatron derives the per-TP-rank streams from it.
     model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def launched_world_size() -> int:
+    """The job's process count, known before `init_parallel` joins it: torchrun's, else this one process."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1")) if _launched_by_torchrun() else 1
+
+
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ
 
 
 def destroy_parallel() -> None:

@@ -20,12 +20,12 @@ import torch.distributed as dist
 from megatron_dapo.algo import DynamicSampler, finalize_metrics, merge_metric_sums
 from megatron_dapo.checkpoint.hf_dir import read_config
 from megatron_dapo.checkpoint.rl_state import RLState, latest_complete, load_rl_state
-from megatron_dapo.config import ConfigError, DapoConfig
+from megatron_dapo.config import ConfigError, DapoConfig, validate_launch
 from megatron_dapo.data.dataset import PromptLoader
 from megatron_dapo.data.packing import PackedBatch, sequence_pad_multiple
 from megatron_dapo.data.tokenizer import load_tokenizer
 from megatron_dapo.evaluate import evaluate
-from megatron_dapo.parallel.state import destroy_parallel, init_parallel
+from megatron_dapo.parallel.state import destroy_parallel, init_parallel, launched_world_size
 from megatron_dapo.rollout.types import SamplingParams
 from megatron_dapo.rollout.weight_sync import (
     BroadcastTransport,
@@ -240,6 +240,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        validate_launch(cfg, world_size=launched_world_size(), cuda=torch.cuda.is_available())
         self.pg = init_parallel(
             parallel_dims(cfg), seed=cfg.train.seed, timeout_minutes=COLLECTIVE_TIMEOUT_MINUTES
         )

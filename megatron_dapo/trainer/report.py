@@ -15,6 +15,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
+from megatron_dapo.errors import exit_on_user_error
 from megatron_dapo.trainer.tracking import METRICS_FILE, TENSORBOARD_DIR
 
 
@@ -44,16 +45,18 @@ def read_metrics(run_dir: Path) -> dict[str, Series]:
     run_dir = Path(run_dir)
     by_name: dict[str, dict[int, float]] = {}
     if (run_dir / METRICS_FILE).exists():
-        for number, line in enumerate((run_dir / METRICS_FILE).read_text().splitlines(), start=1):
+        lines = (run_dir / METRICS_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{run_dir / METRICS_FILE}:{number} is not JSON ({err})") from None
-            step = int(record.pop("step"))
-            for name, value in record.items():
-                by_name.setdefault(name, {})[step] = float(value)
+                step = int(record.pop("step"))
+                for name, value in record.items():
+                    by_name.setdefault(name, {})[step] = float(value)
+            except (ValueError, KeyError, TypeError, AttributeError) as err:  # any line not {"step": n, ...}
+                where = f"{run_dir / METRICS_FILE}:{number}"
+                raise ValueError(f"{where}: expected a JSON object of a step and numbers ({err!r})") from None
     else:
         by_name = _read_tensorboard(run_dir)
     if not by_name:
@@ -151,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for run_dir in args.run_dirs:
         if not run_dir.is_dir():
             parser.error(f"{run_dir} is not a directory")
-    print(render_report(args.run_dirs, args.out))
+    with exit_on_user_error("dapo-report", ValueError):  # ValueError: a metrics file that is not JSON lines
+        print(render_report(args.run_dirs, args.out))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,28 @@
 """The config tree: YAML layering, dotted overrides, presets, and errors that name the key and the fix."""
 
+import dataclasses
 import itertools
+import math
+import os
+import random
+import typing
 
 import pytest
+import torch
+import torch.distributed as dist
 import yaml
 
-from megatron_dapo.config import PRESETS, ConfigError, DapoConfig, from_dict, load_config
+from megatron_dapo import demo, plan, train
+from megatron_dapo.config import (
+    PRESETS,
+    RANGES,
+    ConfigError,
+    DapoConfig,
+    Interval,
+    from_dict,
+    load_config,
+    validate_launch,
+)
 
 
 def test_defaults_are_the_paper_settings():
@@ -99,3 +116,129 @@ def test_a_files_preset_beats_what_it_inherits(tmp_path):
     assert a.samples_per_prompt == 8  # what the preset does not name is inherited
     b = load_config(tmp_path / "base.yaml", ["preset=clip_higher", "algorithm.clip_eps_high=0.25"]).algorithm
     assert b.loss_aggregation == "sample" and b.clip_eps_high == 0.25
+
+
+# ---- values that cannot work stop every entry point at start (issue 16, item 7) --------------------------
+
+# The values of the issue, each with the key its one-line error must name.
+IMPOSSIBLE_VALUES = [
+    ("eval.top_p=1.5", "eval.top_p"),
+    ("eval.temperature=-1", "eval.temperature"),
+    ("eval.max_response_tokens=-3", "eval.max_response_tokens"),
+    ("rollout.temperature=.inf", "rollout.temperature"),
+    ("optimizer.lr=.inf", "optimizer.lr"),
+    ("optimizer.adam_beta1=1.5", "optimizer.adam_beta1"),
+    ("optimizer.weight_decay=-5", "optimizer.weight_decay"),
+    ("optimizer.adam_eps=-1", "optimizer.adam_eps"),
+    ("train.steps=-5", "train.steps"),
+    ("data.max_prompt_tokens=0", "data.max_prompt_tokens"),
+    ("algorithm.clip_eps_high=.nan", "algorithm.clip_eps_high"),
+    ("rollout.top_p=[", "override 'rollout.top_p=['"),  # malformed YAML
+    ("rollout.bogus=1", "unknown key rollout.bogus"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), IMPOSSIBLE_VALUES)
+def test_dapo_train_refuses_impossible_values_in_one_line(override, named, user_error):
+    assert f"dapo-train: error: {named}" in user_error(train.main, [override])
+
+
+@pytest.mark.parametrize(("override", "named"), IMPOSSIBLE_VALUES)
+def test_the_demo_refuses_them_before_preparing_anything(override, named, user_error, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the demo sets it; keep it from leaking into other tests
+    threads = torch.get_num_threads()
+    try:
+        err = user_error(demo.main, ["--out", str(tmp_path / "demo"), override])
+    finally:
+        torch.set_num_threads(threads)
+    assert f"dapo-demo: error: {named}" in err
+    assert not (tmp_path / "demo").exists()  # failed before the warm start and before clearing outputs
+
+
+def test_dapo_plan_refuses_them_too(user_error):
+    assert "dapo-plan: error: optimizer.adam_eps" in user_error(
+        plan.main, ["--model", "qwen2.5-7b", "optimizer.adam_eps=-1"]
+    )
+
+
+def test_tensor_parallel_over_one_process_names_the_field(user_error):
+    """Started without torchrun the job is one process: TP=2 cannot be laid out, and says so before any
+    process group forms."""
+    assert "RANK" not in os.environ
+    err = user_error(train.main, ["parallel.tensor=2"])
+    assert err.startswith("dapo-train: error: parallel.tensor=2: tensor x pipeline x context = 2 must divide")
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("world_size", "cuda", "overrides", "named"),
+    [
+        (4, True, ["parallel.tensor=8"], "parallel.tensor=8"),
+        (6, True, ["parallel.tensor=2", "parallel.pipeline=2"], "parallel.tensor=2, parallel.pipeline=2"),
+        (3, True, ["parallel.context=2", "train.tokens_per_microbatch=20000"], "parallel.context=2"),
+        (2, False, ["parallel.tensor=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+    ],
+)
+def test_launch_checks_name_the_fields(world_size, cuda, overrides, named):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError) as err:
+        validate_launch(cfg, world_size=world_size, cuda=cuda)
+    assert str(err.value).startswith(f"{named}: ")
+    validate_launch(cfg, world_size=world_size * 8 if cuda else 8, cuda=True)  # enough processes: accepted
+
+
+def _numeric_fields(cls: type = DapoConfig, where: str = "") -> list[str]:
+    """Every int or float field of the tree (optional ones included), as section.field."""
+    found = []
+    for name, hint in typing.get_type_hints(cls).items():
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            found += _numeric_fields(hint, key)
+        elif set(typing.get_args(hint) or (hint,)) - {type(None)} <= {int, float} and hint is not bool:
+            found.append(key)
+    return found
+
+
+def test_every_numeric_field_has_a_range():
+    assert sorted(RANGES) == sorted(_numeric_fields())
+
+
+def _outside(allowed: Interval, rng: random.Random) -> list[float]:
+    """Random values just outside each finite end of `allowed`, and the ends themselves when excluded."""
+    below = [allowed.low - rng.randint(1, 1000)] + ([allowed.low] if allowed.ends[0] == "(" else [])
+    above = [] if allowed.high == math.inf else [allowed.high + rng.randint(1, 1000)]
+    return below + above + ([allowed.high] if allowed.ends[1] == ")" and allowed.high < math.inf else [])
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_every_field_refuses_values_outside_its_range(key):
+    rng = random.Random()
+    section, name = key.split(".")
+    is_float = typing.get_type_hints(type(getattr(DapoConfig(), section)))[name] is not int
+    bad = _outside(RANGES[key], rng) + ([math.nan, math.inf, -math.inf] if is_float else [])
+    for value in bad:
+        value = value if is_float else int(value)
+        with pytest.raises(ConfigError) as err:
+            from_dict({section: {name: value}})
+        message = str(err.value)
+        assert message.startswith(f"{key}: must be ") and "\n" not in message, (value, message)
+
+
+def test_a_malformed_config_file_is_one_line(tmp_path, user_error):
+    (tmp_path / "bad.yaml").write_text("rollout:\n  top_p: 0.7\n   temperature: [1\n")
+    err = user_error(train.main, ["--config", str(tmp_path / "bad.yaml")])
+    assert err.startswith(f"dapo-train: error: {tmp_path / 'bad.yaml'}: not valid YAML at line ")
+    (tmp_path / "latin1.yaml").write_bytes("train:\n  steps: 3  # pas réglé\n".encode("latin-1"))
+    err = user_error(train.main, ["--config", str(tmp_path / "latin1.yaml")])
+    assert f"{tmp_path / 'latin1.yaml'}: not UTF-8 text" in err
+
+
+def test_an_inherit_loop_is_one_line(tmp_path, user_error):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\ntrain:\n  steps: 3\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    err = user_error(train.main, ["--config", str(tmp_path / "a.yaml")])
+    assert (
+        f"inherit: {tmp_path / 'a.yaml'} -> {tmp_path / 'b.yaml'} -> {tmp_path / 'a.yaml'} is a loop" in err
+    )
+    (tmp_path / "self.yaml").write_text("inherit: self.yaml\n")
+    assert "is a loop" in user_error(train.main, ["--config", str(tmp_path / "self.yaml")])

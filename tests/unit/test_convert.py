@@ -6,13 +6,15 @@ Hugging Face model, is in tests/parallel/test_convert_parallel.py.
 
 import argparse
 import json
+import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from megatron_dapo.checkpoint import convert
 from megatron_dapo.checkpoint.hf_mapping import HFMapping, checkpoint_key
@@ -147,7 +149,7 @@ def test_dtypes(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf_fp16").dtype == torch.float16
 
 
-def test_command_lines(tmp_path, capsys):
+def test_command_lines(tmp_path, capsys, user_error):
     hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", tie=True)
     convert.hf_to_megatron_main(
         [str(hf_dir), str(tmp_path / "m"), "--tp", "2", "--pp", "2", "--dtype", "bfloat16"]
@@ -160,8 +162,8 @@ def test_command_lines(tmp_path, capsys):
     assert read_meta(tmp_path / "r").dtype == "bfloat16"
 
     # A non-empty output directory is refused, then replaced with --overwrite.
-    with pytest.raises(SystemExit, match="not empty: pass --overwrite"):
-        convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back")])
+    argv = [str(tmp_path / "r"), str(tmp_path / "back")]
+    assert "not empty: pass --overwrite" in user_error(convert.megatron_to_hf_main, argv)
     (tmp_path / "back" / "stale.safetensors").write_text("old")
     convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back"), "--overwrite"])
     assert not (tmp_path / "back" / "stale.safetensors").exists()
@@ -225,3 +227,140 @@ def test_megatron_checkpoint_shape_mismatch_is_reported(tmp_path):
     _edit_config(tmp_path / "m" / "hf", num_key_value_heads=4)
     with pytest.raises(ValueError, match=r"linear_qkv.weight has shape \(4, 64, 32\).*implies \(4, 96, 32\)"):
         convert.megatron_to_hf(tmp_path / "m", tmp_path / "back")
+
+
+# ---- inputs the converters must refuse, each named in one line (issue 16, item 8) -----------------------
+
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> tuple[Path, Path]:
+    """A sharded Hugging Face model and its Megatron conversion, copied by each test that damages them."""
+    root = tmp_path_factory.mktemp("sources")
+    hf_dir = save_tiny_hf_model(root / "hf", "qwen2", shard_size="40KB")
+    convert.hf_to_megatron(hf_dir, root / "megatron")
+    return hf_dir, root / "megatron"
+
+
+def _file_of(hf_dir: Path, tensor: str) -> Path:
+    return hf_dir / json.loads((hf_dir / INDEX).read_text())["weight_map"][tensor]
+
+
+def _set_index_entry(hf_dir: Path, tensor: str, file_name: str) -> None:
+    index = json.loads((hf_dir / INDEX).read_text())
+    index["weight_map"][tensor] = file_name
+    (hf_dir / INDEX).write_text(json.dumps(index))
+
+
+def _escape_the_folder(hf: Path, tmp: Path, rng: random.Random) -> str:
+    """An index entry naming a real shard outside the model folder: read, it would convert silently."""
+    tensor = rng.choice(sorted(json.loads((hf / INDEX).read_text())["weight_map"]))
+    outside = tmp / "elsewhere" / _file_of(hf, tensor).name
+    outside.parent.mkdir()
+    shutil.copy(_file_of(hf, tensor), outside)
+    _set_index_entry(hf, tensor, rng.choice([f"../elsewhere/{outside.name}", str(outside)]))
+    return f"{hf / INDEX}: weight file "
+
+
+def _truncate_a_shard(hf: Path, tmp: Path, rng: random.Random) -> str:
+    shard = rng.choice(sorted(hf.glob("model-*.safetensors")))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: rng.randint(1, len(data) - 1)])
+    return f"{shard}: not a readable safetensors file"
+
+
+def _drop_the_weight_map(hf: Path, tmp: Path, rng: random.Random) -> str:
+    (hf / INDEX).write_text(json.dumps({"metadata": {"total_size": rng.randint(1, 10**6)}}))
+    return f"{hf / INDEX}: expected a weight_map object"
+
+
+def _garble(name: str) -> Callable[[Path, Path, random.Random], str]:
+    def garble(hf: Path, tmp: Path, rng: random.Random) -> str:
+        text = (hf / name).read_text()
+        (hf / name).write_text(text[: rng.randint(1, len(text) - 2)])  # cut mid-document: not JSON
+        return f"{hf / name}: not valid JSON"
+
+    return garble
+
+
+def _untie_the_head(hf: Path, tmp: Path, rng: random.Random) -> str:
+    """tie_word_embeddings=true over a model whose lm_head differs: converting would drop the head."""
+    _edit_config(hf, tie_word_embeddings=True)
+    return f"{_file_of(hf, 'lm_head.weight')}: config.json sets tie_word_embeddings=true but lm_head.weight"
+
+
+HF_DAMAGE = {
+    "index entry outside the folder": _escape_the_folder,
+    "truncated safetensors": _truncate_a_shard,
+    "index without weight_map": _drop_the_weight_map,
+    "config.json not JSON": _garble("config.json"),
+    "index not JSON": _garble(INDEX),
+    "tied embeddings, different head": _untie_the_head,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(HF_DAMAGE))
+def test_a_damaged_hf_folder_is_named(damage, sources, tmp_path, user_error):
+    hf = tmp_path / "hf"
+    shutil.copytree(sources[0], hf)
+    expected = HF_DAMAGE[damage](hf, tmp_path, random.Random())
+    err = user_error(convert.hf_to_megatron_main, [str(hf), str(tmp_path / "out")])
+    assert err.startswith(f"dapo-convert-hf-to-megatron: error: {expected}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_head_equal_to_the_embedding_converts(sources, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(sources[0], hf)
+    embedding = hf_tensors(hf)["model.embed_tokens.weight"]
+    shard = _file_of(hf, "lm_head.weight")
+    save_file({**load_file(shard), "lm_head.weight": embedding.clone()}, shard, metadata={"format": "pt"})
+    _edit_config(hf, tie_word_embeddings=True)
+    convert.hf_to_megatron(hf, tmp_path / "m")
+    convert.megatron_to_hf(tmp_path / "m", tmp_path / "back")
+    back = hf_tensors(tmp_path / "back")
+    assert "lm_head.weight" not in back and torch.equal(back["model.embed_tokens.weight"], embedding)
+
+
+@pytest.mark.parametrize("flag", ["--tp", "--pp"])
+@pytest.mark.parametrize("command", ["dapo-convert-hf-to-megatron", "dapo-reshard"])
+def test_parallel_sizes_below_one_are_refused(flag, command, sources, tmp_path, user_error):
+    """--tp -2 wrote a broken checkpoint and exited 0; --tp 0 divided by zero."""
+    main, source = {
+        "dapo-convert-hf-to-megatron": (convert.hf_to_megatron_main, sources[0]),
+        "dapo-reshard": (convert.reshard_main, sources[1]),
+    }[command]
+    rng = random.Random()
+    for size in (0, -rng.randint(1, 8)):
+        err = user_error(main, [str(source), str(tmp_path / "out"), flag, str(size)])
+        assert err.startswith(f"{command}: error: parallel sizes must be at least 1"), err
+        assert f"{'tensor' if flag == '--tp' else 'pipeline'} {size}" in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_out_must_be_a_folder_outside_the_input(sources, tmp_path, user_error):
+    hf, megatron = sources
+    out_file = tmp_path / "out.bin"
+    content = random.Random().randbytes(64)
+    out_file.write_bytes(content)
+    for argv in ([str(hf), str(out_file)], [str(hf), str(out_file), "--overwrite"]):
+        err = user_error(convert.hf_to_megatron_main, argv)
+        assert err.startswith(f"dapo-convert-hf-to-megatron: error: output directory {out_file} is a file")
+    assert out_file.read_bytes() == content
+    inside = megatron / "converted"
+    err = user_error(convert.megatron_to_hf_main, [str(megatron), str(inside)])
+    assert f"output directory {inside} is inside the input {megatron}" in err
+    assert not inside.exists()
+
+
+@pytest.mark.parametrize("damaged", [".metadata", "__0_0.distcp"])
+def test_a_damaged_megatron_checkpoint_is_named(damaged, sources, tmp_path, user_error):
+    megatron = tmp_path / "m"
+    shutil.copytree(sources[1], megatron)
+    data = (megatron / damaged).read_bytes()
+    (megatron / damaged).write_bytes(data[: random.Random().randint(1, len(data) - 1)])
+    err = user_error(convert.reshard_main, [str(megatron), str(tmp_path / "out")])
+    expected = f"{megatron / '.metadata'}: damaged" if damaged == ".metadata" else f"{megatron}: cannot read"
+    assert err.startswith(f"dapo-reshard: error: {expected}"), err
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from megatron_dapo import evaluate
+from megatron_dapo.data import prepare
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import (
     BadDataError,
@@ -18,7 +20,7 @@ from megatron_dapo.data.dataset import (
     load_prompts,
     read_records,
 )
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
+from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
 
 # shipped name, rows (megatron_dapo/data/sets/README.md), {row: ground truth} read by eye from the files
@@ -212,3 +214,54 @@ def test_loader_refuses_a_state_from_another_dataset() -> None:
         PromptLoader(make_prompts(9), seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         PromptLoader(make_prompts(10), seed=2).load_state_dict(state)
+
+
+# ---- files and answers that cannot work (issue 16, item 7) -----------------------------------------------
+
+EMPTY_ONCE_NORMALISED = ["$", "dollars", "\\$", " units ", "\\text{ dollars}", "square units", "mph"]
+
+
+def test_answers_that_normalise_to_nothing_are_bad_rows(tmp_path: Path, tokenizer) -> None:
+    """The reward would raise on them at the first step; they are bad rows when the file is read."""
+    rng = random.Random()
+    rows = [{"problem": f"{rng.randint(1, 99)}+{rng.randint(1, 99)}", "answer": str(rng.randint(2, 198))}]
+    rows *= 12
+    bad = sorted(rng.sample(range(len(rows)), 4))
+    for index in bad:
+        rows[index] = {**rows[index], "answer": rng.choice(EMPTY_ONCE_NORMALISED)}
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    records, bad_rows = read_records(path)
+    assert [(b.index, b.field) for b in bad_rows] == [(index, "answer") for index in bad]
+    assert all("empty after normalisation" in b.reason for b in bad_rows)
+    assert [r.index for r in records] == [i for i in range(len(rows)) if i not in bad]
+    with pytest.raises(BadDataError, match=f"row {bad[0]}: answer: ground_truth "):
+        load_prompts(path, tokenizer, max_prompt_tokens=64, on_bad_row="error")
+
+
+def test_a_file_that_is_not_parquet_or_not_utf8_is_one_line(tmp_path: Path) -> None:
+    rng = random.Random()
+    fake = tmp_path / "train.parquet"
+    fake.write_bytes(rng.randbytes(rng.randint(100, 2000)))
+    with pytest.raises(BadDataError) as error:
+        read_records(fake)
+    assert str(error.value).startswith(f"{fake}: not a parquet file") and "\n" not in str(error.value)
+    lines = [json.dumps({"problem": f"{i}+1", "answer": str(i + 1)}) for i in range(rng.randint(3, 20))]
+    latin = rng.randrange(len(lines))
+    lines[latin] = '{"problem": "Combien coûte", "answer": "3"}'
+    encoded = [line.encode("latin-1" if i == latin else "utf-8") for i, line in enumerate(lines)]
+    (tmp_path / "latin1.jsonl").write_bytes(b"\n".join(encoded) + b"\n")
+    with pytest.raises(BadDataError, match=re.escape(f"latin1.jsonl, line {latin + 1}: not UTF-8 text")):
+        read_records(tmp_path / "latin1.jsonl")
+
+
+def test_the_commands_that_read_data_say_so_in_one_line(tmp_path: Path, user_error) -> None:
+    fake = tmp_path / "problems.parquet"
+    fake.write_bytes(random.Random().randbytes(512))
+    err = user_error(prepare.main, ["--source", str(fake), "--out", str(tmp_path / "out.jsonl")])
+    assert err.startswith(f"dapo-prepare-data: error: {fake}: not a parquet file")
+    model = save_demo_tokenizer(tmp_path / "model")
+    (model / "config.json").write_text("{}")  # a model directory: the data is read before the model
+    err = user_error(
+        evaluate.main, ["--model", str(model), "--data", str(fake), "--out", str(tmp_path / "e")]
+    )
+    assert err.startswith(f"dapo-eval: error: {fake}: not a parquet file")

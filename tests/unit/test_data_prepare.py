@@ -1,7 +1,6 @@
 """dapo-prepare-data: local conversion to the canonical layout, dedupe by id, conflicts, offline download."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,6 @@ from pathlib import Path
 import huggingface_hub.constants
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import read_records
@@ -56,7 +54,7 @@ def hub_style_row(problem: str, answer: str, uid: str) -> dict:
     }
 
 
-def test_repeated_hub_rows_are_deduplicated_by_id(tmp_path: Path) -> None:
+def test_repeated_hub_rows_are_deduplicated_by_id(tmp_path: Path, user_error) -> None:
     unique = [
         ("What is $1+1$?", "2", "a1"),
         ("Find $x$ if $x^2=9$, $x>0$.", "3", "b2"),
@@ -75,19 +73,18 @@ def test_repeated_hub_rows_are_deduplicated_by_id(tmp_path: Path) -> None:
         "row 15: extra_info.index: id a1 repeats with a different problem or answer",
         "row 16: reward_model.ground_truth: missing answer",
     ]
-    with pytest.raises(SystemExit, match=re.escape("row 16: reward_model.ground_truth: missing answer")):
-        main(["--source", str(path), "--out", str(tmp_path / "out.jsonl"), "--on-bad-row", "error"])
+    argv = ["--source", str(path), "--out", str(tmp_path / "out.jsonl"), "--on-bad-row", "error"]
+    assert "row 16: reward_model.ground_truth: missing answer" in user_error(main, argv, one_line=False)
     main(["--source", str(path), "--out", str(tmp_path / "out.jsonl")])
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert written[1] == {"problem": "Find $x$ if $x^2=9$, $x>0$.", "answer": "3", "source_index": "b2"}
 
 
-def test_download_fails_clearly_when_offline(tmp_path: Path, monkeypatch) -> None:
+def test_download_fails_clearly_when_offline(tmp_path: Path, monkeypatch, user_error) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SystemExit) as exit_info:
-        out = tmp_path / "aime.parquet"
-        main(["--source", "aime2024-dapo", "--from-hub", "--out", str(out), "--cache-dir", str(tmp_path)])
-    message = str(exit_info.value)
+    out = tmp_path / "aime.parquet"
+    argv = ["--source", "aime2024-dapo", "--from-hub", "--out", str(out), "--cache-dir", str(tmp_path)]
+    message = user_error(main, argv, one_line=False)
     assert (
         "could not download data/aime-2024.parquet of the hub dataset BytedTsinghua-SIA/AIME-2024" in message
     )
@@ -95,13 +92,13 @@ def test_download_fails_clearly_when_offline(tmp_path: Path, monkeypatch) -> Non
     assert not (tmp_path / "aime.parquet").exists()
 
 
-def test_bad_arguments_are_named(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="neither a file nor a shipped data set"):
-        main(["--source", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "x.parquet")])
-    with pytest.raises(SystemExit, match="--from-hub: --source must be one of dapo-math-17k, aime2024-dapo"):
-        main(["--source", "amc23", "--from-hub", "--out", str(tmp_path / "x.parquet")])
-    with pytest.raises(SystemExit, match=re.escape("--out must end in .parquet or .jsonl")):
-        main(["--source", str(dataset_file("amc23")), "--out", str(tmp_path / "x.csv")])
+def test_bad_arguments_are_named(tmp_path: Path, user_error) -> None:
+    argv = ["--source", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "x.parquet")]
+    assert "neither a file nor a shipped data set" in user_error(main, argv)
+    argv = ["--source", "amc23", "--from-hub", "--out", str(tmp_path / "x.parquet")]
+    assert "--from-hub: --source must be one of dapo-math-17k, aime2024-dapo" in user_error(main, argv)
+    argv = ["--source", "amc23", "--out", str(tmp_path / "x.csv")]
+    assert "--out must end in .parquet or .jsonl" in user_error(main, argv)
 
 
 def test_tools_wrapper_runs_the_same_command(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 from collections.abc import Sequence
 from fractions import Fraction
 from math import comb
@@ -412,9 +413,9 @@ def test_a_megatron_checkpoint_is_converted_to_a_temporary_directory(tmp_path: P
 # ---- command line ------------------------------------------------------------------------------------------
 
 
-def test_a_wrong_model_path_is_one_clear_line(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"dapo-eval: --model .* neither a Hugging Face model directory"):
-        ev.main(["--model", str(tmp_path), "--data", "a.jsonl", "--out", str(tmp_path / "out")])
+def test_a_wrong_model_path_is_one_clear_line(tmp_path: Path, user_error) -> None:
+    err = user_error(ev.main, ["--model", str(tmp_path), "--data", "a.jsonl", "--out", str(tmp_path / "out")])
+    assert re.match(r"dapo-eval: error: --model .* neither a Hugging Face model directory", err)
 
 
 def test_command_line_defaults_are_the_papers_evaluation() -> None:

@@ -187,15 +187,21 @@ def test_table_and_model_from_config(tmp_path, capsys):
     assert "the CPU engine" in out and "FITS" in out and "only stage" in out and "SGLang, per GPU" not in out
 
 
-def test_unreadable_input_exits_2(capsys):
-    assert main(["--model", "qwen9-1t"]) == 2
-    assert "not a named shape" in capsys.readouterr().err
-    assert main([]) == 2
-    assert "pass --model" in capsys.readouterr().err
-    assert main(["--model", "qwen2.5-7b", "rollout.top_p=2"]) == 2
-    assert "rollout.top_p" in capsys.readouterr().err
-    assert main(["--model", "qwen2.5-7b", "--rollout-nodes", "1"]) == 2
-    assert "--rollout-nodes" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--model", "qwen9-1t"], "not a named shape"),
+        ([], "pass --model"),
+        (["--model", "qwen2.5-7b", "rollout.top_p=2"], "rollout.top_p"),
+        (["--model", "qwen2.5-7b", "--rollout-nodes", "1"], "--rollout-nodes"),
+        (["--model", "qwen2.5-7b", "--gpu-memory-gib", "nan"], "--gpu-memory-gib"),
+        (["--model", "qwen2.5-7b", "--mfu", "1.5"], "--mfu"),
+        (["--model", "qwen2.5-7b", "--peak-tflops", "inf"], "--peak-tflops"),
+        (["--model", "qwen2.5-7b", "--mean-prompt-tokens", "-3"], "--mean-prompt-tokens"),
+    ],
+)
+def test_unreadable_input_exits_2(argv, named, user_error):
+    assert named in user_error(main, argv)
 
 
 def test_plain_logprob_path_is_planned_against_the_chunked_one(capsys):

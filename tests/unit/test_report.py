@@ -100,3 +100,18 @@ def test_the_evaluation_panel_draws_accuracies_only():
     names = {f"eval/pass@{k}" for k in (1, 2, 4, 16)} | {"eval/avg@16", "eval/cons@16", "train/entropy"}
     names |= {"eval/response_length_mean", "eval/truncation_ratio", "eval/aime24/avg@32"}
     assert _eval_scores(names) == ["eval/aime24/avg@32", "eval/avg@16", "eval/cons@16", "eval/pass@16"]
+
+
+def test_a_metrics_line_that_is_not_a_step_is_named(tmp_path, user_error):
+    run = tmp_path / "run"
+    run.mkdir()
+    rng = random.Random()
+    lines = [json.dumps({"step": s, "rollout/accuracy": rng.random()}) for s in range(1, rng.randint(3, 9))]
+    bad = rng.randrange(len(lines))
+    lines[bad] = rng.choice(['{"rollout/accuracy": 0.5}', "[1, 2]", '{"step": 3, "x": "high"}', "{"])
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    err = user_error(main, [str(run), "--out", str(tmp_path / "r.png")])
+    assert err.startswith(f"dapo-report: error: {run / 'metrics.jsonl'}:{bad + 1}: expected a JSON object"), (
+        err
+    )
+    assert not (tmp_path / "r.png").exists()

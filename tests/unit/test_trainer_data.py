@@ -3,13 +3,16 @@ the demo's arithmetic format prompts with the bare problem, others with the pape
 
 import json
 import logging
+import os
+import random
 
 import pytest
 
+from megatron_dapo import train
 from megatron_dapo.config import load_config
 from megatron_dapo.data.arithmetic import ARITHMETIC_PROMPT_TEMPLATE
 from megatron_dapo.data.dataset import BadDataError
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
+from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE, apply_prompt_template
 from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts, prompt_format
 
@@ -101,3 +104,53 @@ def test_a_missing_training_file_is_named(tmp_path):
         load_train_prompts(load_config(None, []), TOKENIZER)
     with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl"):
         load_train_prompts(config(tmp_path / "nowhere.jsonl", "skip"), TOKENIZER)
+
+
+@pytest.fixture
+def launch_env():
+    """The trainer, started without torchrun, writes its one-process rendezvous into os.environ: undo it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _bad_files(tmp_path, rng: random.Random) -> dict[str, tuple[list[str], str]]:
+    """Overrides that point dapo-train at an unusable file, with what its error must say."""
+    good = write_rows(tmp_path / "good.jsonl", [{"problem": f"{rng.randint(1, 9)}+1", "answer": "7"}] * 3)
+    (tmp_path / "random.parquet").write_bytes(rng.randbytes(rng.randint(64, 4096)))
+    (tmp_path / "latin1.jsonl").write_bytes('{"problem": "1+1", "answer": "2 €"}\n'.encode("cp1252"))
+    dollars = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": rng.choice(["$", "dollars"])}]
+    write_rows(tmp_path / "dollars.jsonl", dollars)
+    return {
+        "not parquet": (
+            [f"data.train_path={tmp_path / 'random.parquet'}"],
+            "random.parquet: not a parquet file",
+        ),
+        "not utf-8": ([f"data.train_path={tmp_path / 'latin1.jsonl'}"], "latin1.jsonl, line 1: not UTF-8"),
+        "empty answer": ([f"data.train_path={tmp_path / 'dollars.jsonl'}"], "row 1: answer: ground_truth"),
+        "empty eval answer": (
+            [f"data.train_path={good}", f"eval.path={tmp_path / 'dollars.jsonl'}"],
+            "dollars.jsonl: 1 of 2 rows are unusable",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["not parquet", "not utf-8", "empty answer", "empty eval answer"])
+def test_dapo_train_names_an_unusable_file_before_building_anything(case, tmp_path, user_error, launch_env):
+    """The training and evaluation files are read and checked before the model is built or a server
+    started; each problem is one line (the bad rows listed under it) and exit status 2."""
+    model = save_demo_tokenizer(tmp_path / "model")
+    (model / "config.json").write_text("{}")  # read before the data; the model itself is never built
+    overrides, expected = _bad_files(tmp_path, random.Random())[case]
+    argv = [
+        f"model.hf_path={model}",
+        "data.format=problem_answer",
+        "data.on_bad_row=error",
+        "data.max_prompt_tokens=512",
+        "logging.dir=" + str(tmp_path / "run"),
+        *overrides,
+    ]
+    err = user_error(train.main, argv, one_line=False)
+    assert err.startswith("dapo-train: error: ") and expected in err, err
+    assert not (tmp_path / "run").exists()
