@@ -1,7 +1,7 @@
 """Run the CPU engine: `python -m megatron_dapo.rollout.cpu_engine --model-path HF_DIR --port P`.
 
-Takes the core flags of `sglang.launch_server` so the same launcher drives both. The server deserializes
-pickled tensors sent to /update_weights_from_tensor: bind it to 127.0.0.1 (the default) and never expose it.
+Takes the core flags of `sglang.launch_server` so the same launcher drives both. /update_weights_from_tensor
+reads host-memory payloads (rollout/host_payload.py), never pickles; bind to 127.0.0.1 (the default) anyway.
 Sharing cores with a trainer, give it few threads (OMP_NUM_THREADS=1 for small models): on a busy 2-core
 machine one decode step of the tests' tiny model took 6 ms with one thread and 320 ms with two.
 """
@@ -20,6 +20,7 @@ from megatron_dapo.data.tokenizer import load_tokenizer
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
 from megatron_dapo.rollout.cpu_engine.server import EngineServer
+from megatron_dapo.rollout.host_payload import DEFAULT_SHM_DIR
 
 logger = logging.getLogger("megatron_dapo.rollout.cpu_engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-tokenizer-init", action="store_true", help="no tokenizer: outputs carry no text"
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="bind address; keep it local: weight updates are unpickled"
+        "--host", default="127.0.0.1", help="bind address; keep it local: any client can update the weights"
     )
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1, help="must be 1 on CPU")
@@ -48,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=256, help="sequences decoded together")
     parser.add_argument("--random-seed", type=int, help="seeds requests that carry no sampling_seed")
     parser.add_argument("--weight-version", default="default", help="reported until the first weight update")
+    parser.add_argument(
+        "--weight-shm-dir", default=DEFAULT_SHM_DIR, help="where the trainer's weight segments are read"
+    )
+    parser.add_argument(
+        "--allow-weight-cast", action="store_true",
+        help="cast weight updates of another dtype to --dtype (default: refuse them)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Accepted so that a command line written for sglang.launch_server also starts the CPU engine.
     parser.add_argument("--mem-fraction-static", type=float, help="no effect on CPU")
@@ -85,10 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not _is_loopback(args.host):
         logger.warning(
-            "binding to %s: /update_weights_from_tensor unpickles what it receives; never expose this port",
+            "binding to %s: any client reaching this port can update the weights; never expose it",
             args.host,
         )
-    runner = ModelRunner(args.model_path, DTYPES[args.dtype], args.context_length)
+    runner = ModelRunner(args.model_path, DTYPES[args.dtype], args.context_length, args.allow_weight_cast)
     tokenizer_path = None if args.skip_tokenizer_init else (args.tokenizer_path or args.model_path)
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     scheduler = Scheduler(
@@ -97,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         max_running_requests=args.max_running_requests,
         seed=args.random_seed,
     )
-    server = EngineServer(runner, scheduler, tokenizer, args.model_path, tokenizer_path, args.weight_version)
+    server = EngineServer(
+        runner, scheduler, tokenizer, args.model_path, tokenizer_path, args.weight_version,
+        weight_shm_dir=args.weight_shm_dir,
+    )  # fmt: skip
     logger.info("CPU engine serving %s on http://%s:%d", args.model_path, args.host, args.port)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its sequences.
     web.run_app(

@@ -19,12 +19,8 @@ from aiohttp import web
 from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler, Sequence
-from megatron_dapo.rollout.weight_payload import (
-    concat_bytes_size,
-    deserialize_named_tensors,
-    init_weight_update_group,
-    split_bytes,
-)
+from megatron_dapo.rollout.host_payload import DEFAULT_SHM_DIR, parse_host_payload, read_host_payload
+from megatron_dapo.rollout.weight_payload import concat_bytes_size, init_weight_update_group, split_bytes
 
 logger = logging.getLogger(__name__)
 # How long joining a weight-update group waits for the trainer; the model thread is blocked meanwhile.
@@ -44,6 +40,7 @@ class EngineServer:
         model_path: str,
         tokenizer_path: str | None,
         weight_version: str,
+        weight_shm_dir: str = DEFAULT_SHM_DIR,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -51,6 +48,7 @@ class EngineServer:
         self.model_path = model_path
         self.tokenizer_path = tokenizer_path
         self.weight_version = weight_version
+        self.weight_shm_dir = weight_shm_dir  # where /update_weights_from_tensor's segments are read
         self._released_tags: set[str] = set()
         self._groups: dict[str, dist.ProcessGroup] = {}  # weight-update groups by name (one per PP stage)
         self._loop_task: asyncio.Task | None = None
@@ -201,14 +199,15 @@ class EngineServer:
         return await self._control(load)
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        """Host-memory payloads only (rollout/host_payload.py): a pickle is refused, never unpickled."""
         try:
             update = protocol.parse_update_weights_from_tensor(await _read_json(request))
+            # TP size 1: this server is TP rank 0 and reads the first payload.
+            payload = parse_host_payload(update.serialized_named_tensors[0], update.load_format)
         except protocol.ProtocolError as error:
             return web.json_response(protocol.success_body(False, str(error)), status=400)
-        # TP size 1: this server is TP rank 0 and reads the first payload.
-        payload = update.serialized_named_tensors[0]
         return await self._update_weights(
-            lambda: deserialize_named_tensors(payload, update.load_format),
+            lambda: read_host_payload(payload, self.weight_shm_dir),
             update.abort_all_requests,
             update.weight_version,
         )
