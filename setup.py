@@ -15,6 +15,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_dapo", "megatron_dapo.*"]),
+    # The shipped data sets (megatron_dapo/data/catalog.py), so that a wheel finds them by name too.
+    package_data={
+        "megatron_dapo.data": ["sets/*.parquet", "sets/*.jsonl", "sets/SHA256SUMS", "sets/README.md"]
+    },
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1",
@@ -48,7 +52,7 @@ setup(
             "dapo-convert-hf-to-megatron=megatron_dapo.checkpoint.convert:hf_to_megatron_main",
             "dapo-convert-megatron-to-hf=megatron_dapo.checkpoint.convert:megatron_to_hf_main",
             "dapo-reshard=megatron_dapo.checkpoint.convert:reshard_main",
-            "dapo-plan=megatron_dapo.plan:main",
+            "dapo-plan=megatron_dapo.cli.plan:main",
             "dapo-prepare-data=megatron_dapo.data.prepare:main",
         ]
     },

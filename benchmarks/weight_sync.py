@@ -87,7 +87,7 @@ def main() -> None:
         engine = ServerPool([spec], start_timeout_s=600)
         asyncio.run(engine.start())
         try:
-            rows = run_syncs(args, config.to_dict(), dtype, engine.urls)
+            rows = run_syncs(args, config.to_dict(), dtype, engine.urls, engine.api_key)
         finally:
             engine.stop()
     nbytes = rows[0][1].bytes
@@ -96,13 +96,13 @@ def main() -> None:
 
 
 def run_syncs(
-    args: argparse.Namespace, config: dict, dtype: torch.dtype, urls: list[str]
+    args: argparse.Namespace, config: dict, dtype: torch.dtype, urls: list[str], api_key: str
 ) -> list[tuple[int, SyncReport]]:
     """(bucket MB, fastest report) for each bucket size."""
     pg = init_parallel(ParallelDims())
     try:
         model = build_gpt_model(config, ParallelDims(), pg, params_dtype=dtype)
-        client = SGLangClient(urls)
+        client = SGLangClient(urls, api_key=api_key)
         rows, version = [], 0
         with BackgroundLoop() as loop:
 

@@ -16,6 +16,7 @@
 #   SERVER_START_TIMEOUT_S  time SGLang servers may take to load (1800)
 #   CHECKPOINT_GRACE_S time training may take to checkpoint after SIGTERM before torchrun kills it (540; torch
 #                      releases that read TORCH_ELASTIC_SHUTDOWN_TIMEOUT; older ones allow 30 s)
+#   DAPO_API_KEY       the rollout servers' API key (a new random one per job); never printed
 #   DRY_RUN=1, or --dry-run as the first argument: print the resolved config and every command; start nothing.
 # Arguments are config overrides (section.field=value), passed to the planner and to the trainer.
 
@@ -64,15 +65,27 @@ dapo_build_overrides() {
 
 # Runs the planner (its table goes to the log) and refuses to go on unless the run fits. The plan, with the
 # resolved config, is left as JSON in PLAN_JSON. Arguments: the cluster's shape, as planner flags.
+# Exit statuses of megatron_dapo.plan: 2 a config or model it cannot read, 3 a run that does not fit; anything
+# else non-zero (a traceback's 1, a signal's 128+N) is a crash of the planner itself, never a verdict.
 dapo_check_plan() {
-	local model=() status=0
+	local model=() status=0 output
 	if [[ -n ${MODEL_SHAPE:-} ]]; then model=(--model "$MODEL_SHAPE"); fi
+	output=$(mktemp)
 	python -m megatron_dapo.plan --config "$CONFIG" "${model[@]}" "$@" --save-json "$PLAN_JSON" \
-		-- "${OVERRIDES[@]}" || status=$?
+		-- "${OVERRIDES[@]}" >"$output" 2>&1 || status=$?
+	case $status in
+	0 | 2 | 3) cat "$output" ;;
+	*)
+		dapo_log "the planner crashed (exit $status); its last lines:"
+		tail -n 20 "$output" >&2
+		;;
+	esac
+	rm -f "$output"
 	case $status in
 	0) ;;
-	1) dapo_die "the planner says this run cannot fit (above: what to change); nothing was started" ;;
-	*) dapo_die "the planner could not read the config or the model (exit $status); nothing was started" ;;
+	2) dapo_die "the planner could not read the config or the model (above); nothing was started" ;;
+	3) dapo_die "the planner says this run cannot fit (above: what to change); nothing was started" ;;
+	*) dapo_die "the planner crashed (exit $status), so nothing is known about the fit; nothing was started" ;;
 	esac
 }
 
@@ -136,6 +149,16 @@ dapo_wait() {
 	done
 }
 
+# One API key per job for the rollout servers (SGLang's --api-key) and training's client, which reads it from
+# the environment: exported, so srun and torchrun hand it to every step and rank. Never printed: commands name
+# it as "$DAPO_API_KEY".
+dapo_export_api_key() {
+	if [[ -z ${DAPO_API_KEY:-} ]]; then
+		DAPO_API_KEY=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+	fi
+	export DAPO_API_KEY
+}
+
 # ---- Slurm -----------------------------------------------------------------------------------------------
 
 dapo_slurm_defaults() {
@@ -197,10 +220,14 @@ dapo_plan_servers() {
 dapo_server_urls_override() { echo "rollout.server_urls=[$(IFS=, && echo "${SERVER_URLS[*]}")]"; }
 
 # The command one node runs for one server (NODE_CMD) and the srun step that starts it (STEP_CMD).
-# Servers bind to their node's name: training processes on other nodes reach them there.
+# Servers bind to their node's name: training processes on other nodes reach them there, with the job's API
+# key. The key reaches the server through the environment, and its flag is added on the node, so that
+# neither the srun command line nor Slurm's record of it holds the key.
 dapo_server_step() {
 	local host=$1 port=$2 gpu=$3
-	NODE_CMD=(python -m sglang.launch_server --model-path "$MODEL_PATH" --host "$host" --port "$port"
+	# shellcheck disable=SC2016  # "$@" and "$DAPO_API_KEY" are expanded by the inner bash
+	NODE_CMD=(bash -c 'exec "$@" --api-key "$DAPO_API_KEY"' sglang-with-api-key
+		python -m sglang.launch_server --model-path "$MODEL_PATH" --host "$host" --port "$port"
 		--tp-size "$SERVER_TP" --mem-fraction-static "$MEM_FRACTION" --base-gpu-id "$gpu")
 	# Colocated servers hand their memory to training between rollouts (release/resume_memory_occupation).
 	if ((ROLLOUT_NODES == 0)); then NODE_CMD+=(--enable-memory-saver); fi
@@ -294,6 +321,7 @@ dapo_slurm_main() {
 	dapo_slurm_defaults
 	dapo_export_signal_env
 	dapo_slurm_hosts
+	dapo_export_api_key
 	dapo_build_overrides
 	# The placement decides rollout.colocate, whatever the config says.
 	if ((ROLLOUT_NODES)); then OVERRIDES+=(rollout.colocate=false); else OVERRIDES+=(rollout.colocate=true); fi
@@ -347,6 +375,7 @@ dapo_local_main() {
 	[[ -f $CONFIG ]] || dapo_die "CONFIG=$CONFIG does not exist (set CONFIG=path/to/config.yaml)"
 	dapo_local_machine
 	dapo_export_signal_env
+	dapo_export_api_key
 	dapo_build_overrides
 	DAPO_SERVER_PIDS=()
 	PLAN_JSON=$(mktemp)

@@ -2,7 +2,7 @@
 # The models the recipes train, sourced by them: which planner shape sizes each, which example config runs it,
 # how many nodes it takes (the recipe's #SBATCH --nodes, for dry runs outside Slurm) and how many of them a
 # dedicated rollout takes. The shapes' numbers are the models' config.json values, kept in
-# megatron_dapo/plan.py (NAMED_MODELS); the parallel layout lives in the example config.
+# megatron_dapo/plan/shape.py (NAMED_MODELS); the parallel layout lives in the example config.
 
 dapo_model_defaults() {
 	case $1 in

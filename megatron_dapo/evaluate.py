@@ -1,6 +1,6 @@
 """Evaluate a checkpoint the way the paper does: k samples per problem, avg@k, pass@k and cons@k.
 
-    dapo-eval --model HF_DIR_OR_MEGATRON_CKPT --data ../shared/data/aime2024.jsonl --out eval/aime24 \\
+    dapo-eval --model HF_DIR_OR_MEGATRON_CKPT --data aime2024 --out eval/aime24 \\
         [--samples 32 --temperature 1.0 --top-p 0.7] [--engine sglang|cpu --num-servers N --server-tp T]
         [--server-url URL ...]
 
@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from megatron_dapo.checkpoint.meta import META_FILE, hf_assets_dir
+from megatron_dapo.data.catalog import DATASETS, dataset_file
 from megatron_dapo.data.dataset import (
     LAYOUTS,
     BadDataError,
@@ -294,7 +295,7 @@ def load_eval_set(
 ) -> EvalSet:
     """Read, validate and tokenize an evaluation file; bad rows are reported and skipped (or raise, with
     on_bad_row="error"), duplicates merged. `name` defaults to the file name without its suffix."""
-    path = Path(path)
+    path = dataset_file(path)
     prompts, rows = load_prompts(
         path,
         tokenizer,
@@ -322,7 +323,7 @@ def load_eval_set(
 def dataset_names(paths: Sequence[Path]) -> list[str]:
     """The shortest trailing path (suffix dropped) that tells the files apart: "aime2024", or
     "aime24/test" and "amc23/test" for a harness's one-folder-per-benchmark layout."""
-    resolved = [Path(path).resolve() for path in paths]
+    resolved = [dataset_file(path).resolve() for path in paths]
     if len(set(resolved)) < len(resolved):
         raise ValueError(f"--data lists the same file twice: {[str(path) for path in paths]}")
     depth = 1
@@ -460,7 +461,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         action="extend",
         required=True,
-        help="parquet or jsonl files (repeatable)",
+        help=f"parquet or jsonl files, or shipped data sets by name ({', '.join(DATASETS)}); repeatable",
     )
     parser.add_argument(
         "--out", type=Path, required=True, help=f"directory for {RESULTS_FILE} and {SAMPLES_FILE}"
@@ -505,7 +506,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         action="extend",
         default=[],
-        help="running servers serving --model (no launch)",
+        help="running servers serving --model (no launch); their API key, if any, in $DAPO_API_KEY",
     )
     servers.add_argument("--engine", choices=["sglang", "cpu"], default="sglang", help="servers to launch")
     servers.add_argument("--num-servers", type=int, default=1, help="servers to launch")
@@ -601,7 +602,10 @@ async def run(args: argparse.Namespace) -> dict[str, EvalResult]:
             results = await evaluate_sets(client, eval_sets, **kwargs)
     else:
         with served_model_dir(args.model) as model_dir:
-            async with ServerPool(server_specs(args, model_dir)) as pool, SGLangClient(pool.urls) as client:
+            async with (
+                ServerPool(server_specs(args, model_dir)) as pool,
+                SGLangClient(pool.urls, api_key=pool.api_key) as client,
+            ):
                 results = await evaluate_sets(client, eval_sets, **kwargs)
     run_info = {
         "model": str(args.model),

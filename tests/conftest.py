@@ -1,14 +1,13 @@
-"""Shared test fixtures: where the shared data lives, and a fresh random seed per test."""
+"""Test set-up shared by every tier.
 
-from pathlib import Path
+The data sets the tests read ship inside the package (megatron_dapo/data/catalog.py): nothing here reads
+outside the repository. The test session runs as one job does under launch/common.sh: one rollout API key in
+DAPO_API_KEY, which the servers the tests launch, the clients, and the processes they spawn (training ranks,
+workers) all read.
+"""
 
-import pytest
+import os
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from megatron_dapo.rollout.api_key import API_KEY_ENV, new_api_key
 
-
-@pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}: place ../shared beside the project checkout")
-    return SHARED_DATA
+os.environ.setdefault(API_KEY_ENV, new_api_key())

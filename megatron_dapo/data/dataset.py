@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
+from megatron_dapo.data.catalog import dataset_file, describe_missing
 from megatron_dapo.data.record import PromptRecord
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE, encode_prompts, is_templated
 
@@ -73,10 +74,11 @@ class TokenizedPrompt:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a .parquet or .jsonl file as dicts (blank jsonl lines are not rows)."""
-    path = Path(path)
+    """All rows of a .parquet or .jsonl file, or of a shipped data set named as in data/catalog.py, as dicts
+    (blank jsonl lines are not rows)."""
+    path = dataset_file(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise FileNotFoundError(describe_missing(path))
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pylist()
     if path.suffix == ".jsonl":

@@ -157,7 +157,7 @@ def pack(samples: Sequence[Sample], sample_ids: Sequence[int], pad_multiple: int
     tokens, positions, labels, loss_mask, owner, seq_lens = [], [], [], [], [], []
     for index, sample_id in enumerate(sample_ids):
         sample = samples[sample_id]
-        ids = torch.as_tensor(list(sample.token_ids), dtype=torch.long)
+        ids = torch.as_tensor(sample.token_ids, dtype=torch.long)  # a tuple, or a received tensor
         length = ids.numel()
         seq_len = padded_length(length, pad_multiple)
         padded = torch.zeros(seq_len, dtype=torch.long)

@@ -1,5 +1,5 @@
-"""dapo-prepare-data: fetch DAPO-Math-17k or AIME 2024 from the Hugging Face hub, or convert a local file,
-into the project's canonical layout.
+"""dapo-prepare-data: convert a data set shipped with the package (offline), a local file, or (--from-hub)
+DAPO-Math-17k or AIME 2024 fetched from the Hugging Face hub, into the project's canonical layout.
 
 Canonical layout (.parquet or .jsonl): one row per problem with `problem` (raw text, no prompt template:
 the template is applied at training time), `answer` (string) and `source_index` (the row's id in the
@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from megatron_dapo.data.catalog import DATASETS, dataset_file, describe_missing
 from megatron_dapo.data.dataset import (
     BadDataError,
     BadRow,
@@ -33,10 +34,10 @@ from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE, PROBLEM_PLACEHOLDE
 
 logger = logging.getLogger(__name__)
 
-# Name -> (hub dataset repository, file in it).
+# Shipped name (data/catalog.py) -> (hub dataset repository, file in it), for --from-hub.
 HUB_SOURCES = {
     "dapo-math-17k": ("BytedTsinghua-SIA/DAPO-Math-17k", "data/dapo-math-17k.parquet"),
-    "aime-2024": ("BytedTsinghua-SIA/AIME-2024", "data/aime-2024.parquet"),
+    "aime2024-dapo": ("BytedTsinghua-SIA/AIME-2024", "data/aime-2024.parquet"),
 }
 DEFAULT_ID_KEY = "extra_info.index"  # where the DAPO files keep a problem's id
 
@@ -155,7 +156,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--source",
         required=True,
-        help=f"a known hub dataset ({', '.join(HUB_SOURCES)}) or a local .parquet/.jsonl file",
+        help=f"a local .parquet/.jsonl file or a shipped data set ({', '.join(DATASETS)})",
+    )
+    parser.add_argument(
+        "--from-hub",
+        action="store_true",
+        help=f"download --source ({', '.join(HUB_SOURCES)}) from the Hugging Face hub, not the shipped copy",
     )
     parser.add_argument("--out", required=True, type=Path, help="output file, .parquet or .jsonl")
     parser.add_argument("--format", default="auto", help="input layout, as data.format (default: detected)")
@@ -173,15 +179,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.out.suffix not in (".parquet", ".jsonl"):
         raise SystemExit(f"--out must end in .parquet or .jsonl, got {args.out}")
-    if Path(args.source).is_file():
-        path = Path(args.source)
-    elif args.source in HUB_SOURCES:
+    if args.from_hub:
+        if args.source not in HUB_SOURCES:
+            raise SystemExit(
+                f"--from-hub: --source must be one of {', '.join(HUB_SOURCES)}, got {args.source!r}"
+            )
         path = download(args.source, args.cache_dir)
     else:
-        known = ", ".join(HUB_SOURCES)
-        raise SystemExit(
-            f"--source {args.source!r} is neither an existing file nor a known hub dataset ({known})"
-        )
+        path = dataset_file(args.source)
+        if not path.is_file():
+            raise SystemExit(f"--source: {describe_missing(args.source)}")
     try:
         conversion = convert(
             path,

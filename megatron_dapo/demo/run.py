@@ -114,7 +114,9 @@ def run_demo(out: Path, *, preset: str, cache_dir: Path, overrides: Sequence[str
 
 
 def _problems(cfg: DapoConfig) -> int:
-    return sum(1 for line in Path(cfg.eval.path).read_text().splitlines() if line.strip())
+    """Distinct held-out problems: evaluation merges rows that repeat a problem with its answer."""
+    rows = [json.loads(line) for line in Path(cfg.eval.path).read_text().splitlines() if line.strip()]
+    return len({(row["problem"], row["answer"]) for row in rows})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,8 +24,8 @@ def transformer_config(
 ) -> TransformerConfig:
     """megatron TransformerConfig for `arch` split as `dims`; per-token loss mode, no dropout.
 
-    `recompute_activations`: full recompute, one layer at a time (what plan.py models): the forward keeps only
-    each layer's input, and the backward re-runs a layer's forward just before its backward.
+    `recompute_activations`: full recompute, one layer at a time (what plan/memory.py models): the forward
+    keeps only each layer's input, and the backward re-runs a layer's forward just before its backward.
     """
     arch.check_parallel(dims.tp, dims.pp)
     cuda = torch.cuda.is_available()

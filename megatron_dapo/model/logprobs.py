@@ -4,7 +4,8 @@ The distribution is softmax(logits / temperature) over the true vocabulary: the 
 from. Rows of Megatron's padded vocabulary (global index >= `vocab_size`) exist in neither the Hugging
 Face model nor the rollout engine, so they are left out of the softmax. Each TP rank holds a contiguous slice
 of the vocabulary; ranks exchange per-token statistics (one max and one sum all-reduce per chunk), never
-logits. The softmax runs in fp32 (float64 for float64 inputs) whatever the dtype of the logits.
+logits (model/vocab_softmax.py). The softmax runs in fp32 (float64 for float64 inputs) whatever the dtype of
+the logits.
 
 Three entry points, exact to one another:
 - `logprobs_from_logits`: from the output layer's logits `[T, V/tp]`; holds `[T, V/tp]` buffers.
@@ -19,15 +20,20 @@ Positions with no next token still need a valid id (mask them out of the loss).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-from megatron.core.tensor_parallel.utils import VocabUtility
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from megatron_dapo.model.vocab_softmax import (
+    SoftmaxStats,
+    VocabShard,
+    grad_wrt_logits,
+    softmax_dtype,
+    softmax_stats,
+)
 
 # [256, V/tp] chunk buffers: under 1/16 of the plain path's [T, V/tp] from T = 4k tokens on, and still rows
 # enough for an efficient matmul.
@@ -53,7 +59,7 @@ def logprobs_from_logits(
     """
     _check_2d("logits", logits)
     _check_labels(labels, logits.shape[0])
-    shard = _VocabShard.of(logits.shape[1], vocab_size, tp_group)
+    shard = VocabShard.of(logits.shape[1], vocab_size, tp_group)
     shard.check_labels(labels)
     _check_temperature(temperature)
     return _LogProbsFromLogits.apply(logits, labels, shard, temperature, with_entropy)
@@ -109,130 +115,6 @@ def token_loss_from_hidden(
     return _TokenLossFromHidden.apply(hidden, weight, labels, token_loss_fn, shard, temperature, chunk_tokens)
 
 
-@dataclass(frozen=True)
-class _VocabShard:
-    """This rank's slice of the padded vocabulary; the true vocabulary is a prefix of the padded one."""
-
-    start: int  # global index of this rank's first row
-    real_rows: int  # leading rows of this shard inside the true vocabulary (the rest is padding)
-    vocab_size: int  # the true vocabulary size
-    tp_group: dist.ProcessGroup | None
-
-    @classmethod
-    def of(cls, local_rows: int, vocab_size: int | None, tp_group: dist.ProcessGroup | None) -> "_VocabShard":
-        tp_size, tp_rank = (1, 0) if tp_group is None else (tp_group.size(), tp_group.rank())
-        padded_size = local_rows * tp_size
-        if vocab_size is None:
-            vocab_size = padded_size
-        if not 0 < vocab_size <= padded_size:
-            raise ValueError(
-                f"vocab_size={vocab_size} must be in [1, {padded_size}] (the padded vocabulary: {local_rows} "
-                f"rows per rank x TP {tp_size}); pass the tokenizer's / HF config's vocab_size"
-            )
-        start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(local_rows, tp_rank, tp_size)
-        real_rows = min(max(vocab_size - start, 0), local_rows)
-        group = tp_group if tp_size > 1 else None
-        return cls(start=start, real_rows=real_rows, vocab_size=vocab_size, tp_group=group)
-
-    def check_labels(self, labels: Tensor) -> None:
-        # One host sync per call: a label outside the vocabulary would silently give a wrong log-prob.
-        if labels.numel() and bool(((labels < 0) | (labels >= self.vocab_size)).any()):
-            raise ValueError(
-                f"labels must be token ids in [0, {self.vocab_size}) (got min {int(labels.min())}, max "
-                f"{int(labels.max())}); give positions without a next token any valid id and mask them out"
-            )
-
-    def local_labels(self, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Labels as column indices into this shard's real rows ([T], clamped), and which it owns ([T])."""
-        local = labels - self.start
-        owned = (local >= 0) & (local < self.real_rows)
-        return local.clamp(0, max(self.real_rows - 1, 0)), owned
-
-
-class _SoftmaxStats(NamedTuple):
-    local_max: Tensor  # [C] max of this rank's logits/temperature (-inf on a shard of padding only)
-    lse: Tensor  # [C] log-sum-exp of logits/temperature over the whole vocabulary
-    logprob: Tensor  # [C]
-    entropy: Tensor | None  # [C]
-
-
-def _softmax_stats(
-    z: Tensor,
-    exp: Tensor,
-    label_index: Tensor,
-    label_owned: Tensor,
-    tp_group: dist.ProcessGroup | None,
-    with_entropy: bool,
-) -> _SoftmaxStats:
-    """Softmax statistics over the whole vocabulary from this rank's logits/temperature z [C, Vr].
-
-    z is shifted in place by its row max; exp [C, Vr] is scratch. Every rank gets the same lse, logprob and
-    entropy: ranks exchange two all-reduces of [C]-sized pieces, never logits.
-    """
-    rows = z.shape[0]
-    if z.shape[1] == 0:  # a shard holding padding only contributes nothing but must join the all-reduces
-        local_max = z.new_full((rows,), float("-inf"))
-        sum_exp = dot = label_logit = z.new_zeros(rows)
-    else:
-        local_max = z.amax(dim=1)
-        z.sub_(local_max[:, None])  # z - max <= 0: exp cannot overflow
-        label_logit = z.gather(1, label_index[:, None]).squeeze(1)  # meaningful only where owned
-        torch.exp(z, out=exp)
-        sum_exp = exp.sum(dim=1)
-        dot = exp.mul_(z).sum(dim=1) if with_entropy else torch.zeros_like(sum_exp)
-
-    global_max = local_max
-    if tp_group is not None:
-        global_max = local_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-    # Re-base each rank's pieces on the global max; sum_exp == 0 marks a padding-only shard, whose shift
-    # (-inf) must not turn 0 * inf into nan.
-    shift = torch.where(sum_exp > 0, local_max - global_max, 0.0)
-    scale = torch.exp(shift)
-    label_part = torch.where(label_owned, label_logit + shift, 0.0)
-    pieces = torch.stack([sum_exp * scale, (dot + shift * sum_exp) * scale, label_part])
-    if tp_group is not None:
-        dist.all_reduce(pieces, group=tp_group)
-    sum_exp, dot, label_logit = pieces  # sum exp(z - M), sum exp(z - M) (z - M), z[label] - M
-    log_sum_exp = torch.log(sum_exp)
-    # entropy = lse - E_p[z] = log S - (sum exp(z - M) (z - M)) / S: both terms relative to M, no cancellation
-    entropy = log_sum_exp - dot / sum_exp if with_entropy else None
-    return _SoftmaxStats(local_max, global_max + log_sum_exp, label_logit - log_sum_exp, entropy)
-
-
-def _grad_wrt_logits(
-    logp: Tensor,
-    prob: Tensor,
-    label_index: Tensor,
-    label_owned: Tensor,
-    entropy: Tensor | None,
-    grad_logprob: Tensor | None,
-    grad_entropy: Tensor | None,
-    temperature: float,
-) -> Tensor:
-    """d loss / d logits [C, Vr], formed in place in logp [C, Vr] (log-probabilities); prob is scratch.
-
-    With p = softmax(z), z = logits / temperature, a = dloss/dlogprob, b = dloss/dentropy (per token):
-    dlogprob/dz = onehot(label) - p and dentropy/dz = -p (log p + entropy), so
-    dloss/dz = a onehot - p (a + b (log p + entropy)); the 1/temperature is folded into a and b.
-    """
-    a = logp.new_zeros(logp.shape[0]) if grad_logprob is None else grad_logprob / temperature
-    torch.exp(logp, out=prob)
-    if grad_entropy is None:
-        grad = torch.mul(prob, -a[:, None], out=logp)
-    else:
-        b = grad_entropy / temperature
-        grad = logp.mul_(-b[:, None]).add_((-(a + b * entropy))[:, None]).mul_(prob)
-    if grad.shape[1]:
-        grad.scatter_add_(1, label_index[:, None], torch.where(label_owned, a, 0.0)[:, None])
-    return grad
-
-
-def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The softmax runs in fp32 at least (bf16 has 8 mantissa bits); float64 stays float64 for gradcheck."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 class _LogProbsFromLogits(torch.autograd.Function):
     """Saves the logits as given (no fp32 copy) and recomputes the fp32 softmax in backward."""
 
@@ -240,7 +122,7 @@ class _LogProbsFromLogits(torch.autograd.Function):
     def forward(ctx, logits, labels, shard, temperature, with_entropy):
         label_index, label_owned = shard.local_labels(labels)
         z = _scaled_logits_copy(logits[:, : shard.real_rows], temperature)
-        stats = _softmax_stats(z, torch.empty_like(z), label_index, label_owned, shard.tp_group, with_entropy)
+        stats = softmax_stats(z, torch.empty_like(z), label_index, label_owned, shard.tp_group, with_entropy)
         del z
         ctx.set_materialize_grads(False)
         ctx.shard, ctx.temperature = shard, temperature
@@ -255,7 +137,7 @@ class _LogProbsFromLogits(torch.autograd.Function):
             return None, None, None, None, None
         real_rows = ctx.shard.real_rows
         logp = _scaled_logits_copy(logits[:, :real_rows], ctx.temperature).sub_(lse[:, None])
-        grad = _grad_wrt_logits(
+        grad = grad_wrt_logits(
             logp,
             torch.empty_like(logp),
             label_index,
@@ -274,7 +156,7 @@ class _LogProbsFromLogits(torch.autograd.Function):
 
 def _scaled_logits_copy(logits: Tensor, temperature: float) -> Tensor:
     """logits / temperature in the softmax dtype, in a new buffer (the caller's logits stay untouched)."""
-    z = logits.to(_softmax_dtype(logits.dtype), copy=True)
+    z = logits.to(softmax_dtype(logits.dtype), copy=True)
     return z if temperature == 1.0 else z.div_(temperature)
 
 
@@ -287,7 +169,7 @@ class _ChunkedOutputLayer:
         hidden: Tensor,
         weight: Tensor,
         labels: Tensor,
-        shard: _VocabShard,
+        shard: VocabShard,
         temperature: float,
         chunk_tokens: int,
     ) -> None:
@@ -296,11 +178,11 @@ class _ChunkedOutputLayer:
         self.tp_group, self.temperature = shard.tp_group, temperature
         self.chunks = _chunks(hidden.shape[0], chunk_tokens)
         shape = (min(chunk_tokens, hidden.shape[0]), shard.real_rows)
-        softmax_dtype = _softmax_dtype(weight.dtype)
+        z_dtype = softmax_dtype(weight.dtype)
         self._matmul = weight.new_empty(shape)  # logits and their gradient in the weight's dtype
-        self._cast = softmax_dtype != weight.dtype
-        self._z = weight.new_empty(shape, dtype=softmax_dtype) if self._cast else self._matmul
-        self._scratch = weight.new_empty(shape, dtype=softmax_dtype)
+        self._cast = z_dtype != weight.dtype
+        self._z = weight.new_empty(shape, dtype=z_dtype) if self._cast else self._matmul
+        self._scratch = weight.new_empty(shape, dtype=z_dtype)
 
     def scaled_logits(self, tokens: slice) -> Tensor:
         """logits / temperature [c, Vr] in the softmax dtype. The matmul runs in the weight's dtype, as the
@@ -310,10 +192,10 @@ class _ChunkedOutputLayer:
         z = self._z[:rows].copy_(logits) if self._cast else logits
         return z if self.temperature == 1.0 else z.div_(self.temperature)
 
-    def softmax_stats(self, tokens: slice, z: Tensor, with_entropy: bool) -> _SoftmaxStats:
+    def softmax_stats(self, tokens: slice, z: Tensor, with_entropy: bool) -> SoftmaxStats:
         scratch = self._scratch[: z.shape[0]]
         label_index, label_owned = self.label_index[tokens], self.label_owned[tokens]
-        return _softmax_stats(z, scratch, label_index, label_owned, self.tp_group, with_entropy)
+        return softmax_stats(z, scratch, label_index, label_owned, self.tp_group, with_entropy)
 
     def backprop(
         self,
@@ -328,7 +210,7 @@ class _ChunkedOutputLayer:
         """From the chunk's log-probs [c, Vr] (overwritten), write its hidden gradient into grad_hidden [T, H]
         and add its weight gradient into grad_weight [V/tp, H]."""
         rows = logp.shape[0]
-        grad_z = _grad_wrt_logits(
+        grad_z = grad_wrt_logits(
             logp,
             self._scratch[:rows],
             self.label_index[tokens],
@@ -359,7 +241,7 @@ class _LogProbsFromHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, shard, temperature, chunk_tokens, with_entropy):
         layer = _ChunkedOutputLayer(hidden, weight, labels, shard, temperature, chunk_tokens)
-        logprob = hidden.new_empty(hidden.shape[0], dtype=_softmax_dtype(hidden.dtype))
+        logprob = hidden.new_empty(hidden.shape[0], dtype=softmax_dtype(hidden.dtype))
         lse = torch.empty_like(logprob)
         entropy = torch.empty_like(logprob) if with_entropy else None
         for tokens in layer.chunks:
@@ -401,7 +283,7 @@ class _TokenLossFromHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_loss_fn, shard, temperature, chunk_tokens):
         layer = _ChunkedOutputLayer(hidden, weight, labels, shard, temperature, chunk_tokens)
-        logprob = hidden.new_empty(hidden.shape[0], dtype=_softmax_dtype(hidden.dtype))
+        logprob = hidden.new_empty(hidden.shape[0], dtype=softmax_dtype(hidden.dtype))
         entropy = torch.empty_like(logprob)
         loss = torch.zeros_like(logprob[0])
         grad_hidden = hidden.new_empty(hidden.shape)  # contiguous, for matmul's out=
@@ -433,7 +315,7 @@ class _TokenLossFromHidden(torch.autograd.Function):
 
 
 def _loss_and_grads(
-    token_loss_fn: TokenLossFn, stats: _SoftmaxStats, tokens: slice
+    token_loss_fn: TokenLossFn, stats: SoftmaxStats, tokens: slice
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The chunk's loss and its gradients w.r.t. the chunk's log-probs and entropy (None where unused)."""
     with torch.enable_grad():
@@ -486,7 +368,7 @@ def _check_hidden_inputs(
     temperature: float,
     vocab_size: int | None,
     chunk_tokens: int,
-) -> _VocabShard:
+) -> VocabShard:
     _check_2d("hidden", hidden)
     _check_2d("weight", weight)
     if weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype:
@@ -498,6 +380,6 @@ def _check_hidden_inputs(
         raise ValueError(f"chunk_tokens must be a positive number of tokens, got {chunk_tokens}")
     _check_labels(labels, hidden.shape[0])
     _check_temperature(temperature)
-    shard = _VocabShard.of(weight.shape[0], vocab_size, tp_group)
+    shard = VocabShard.of(weight.shape[0], vocab_size, tp_group)
     shard.check_labels(labels)
     return shard

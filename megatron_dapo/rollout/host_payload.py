@@ -16,14 +16,18 @@ Who does what with the segment: the trainer (`SegmentWriter`) creates it (O_EXCL
 per-writer token, writes it, posts the header to every receiver and unlinks it once all have answered, in
 success or failure. The engine (`read_host_payload`) opens nothing but a name of that pattern in its own
 directory, after checking that it is a regular file (never a symlink: O_NOFOLLOW) of its own user with one
-link and exactly the header's size; it opens it read-only, copies the bytes out and closes it. It never
-writes, grows, maps or unlinks it. A trainer killed mid-transfer leaves its one segment behind (`dapo-*`).
+link and exactly the header's size; it opens it read-only and maps it privately (copy-on-write, so that
+nothing could reach the file), which it never writes, grows or unlinks. Mapping rather than reading saves a
+copy (2-4x faster for 400 MB); the price is that a process of the engine's own user that truncates the
+segment while it is mapped crashes the engine (SIGBUS), which that user could do by other means anyway.
+A trainer killed mid-transfer leaves its one segment behind (`dapo-*`).
 """
 
 import errno
 import io
 import itertools
 import json
+import mmap
 import os
 import re
 import secrets
@@ -235,7 +239,8 @@ def _check_disjoint(entries: tuple[TensorEntry, ...]) -> None:
 def read_host_payload(
     payload: HostPayload, shm_dir: str = DEFAULT_SHM_DIR, owner: int | None = None
 ) -> NamedTensors:
-    """The tensors of a checked header, copied out of its segment in `shm_dir` (see the module docstring).
+    """The tensors of a checked header: views of its segment in `shm_dir`, mapped copy-on-write (see the
+    module docstring); the mapping goes when the last of them does.
 
     `owner`: the uid the segment must belong to, this process's by default (the trainer runs as the engine).
     """
@@ -253,8 +258,9 @@ def read_host_payload(
         if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
             raise ProtocolError(where, "was replaced while being opened")
         _check_segment(opened, payload.nbytes, before.st_uid, where)
-        flat = torch.empty(payload.nbytes, dtype=torch.uint8)
-        _read_exactly(fd, memoryview(flat.numpy()), where)
+        flat = torch.empty(0, dtype=torch.uint8)  # mmap refuses an empty file
+        if payload.nbytes:
+            flat = torch.frombuffer(mmap.mmap(fd, payload.nbytes, access=mmap.ACCESS_COPY), dtype=torch.uint8)
     finally:
         os.close(fd)
     return [
@@ -272,12 +278,3 @@ def _check_segment(status: os.stat_result, nbytes: int, owner: int, where: str) 
         raise ProtocolError(where, f"has {status.st_nlink} links; a trainer's segment has one")
     if status.st_size != nbytes:
         raise ProtocolError(where, f"holds {status.st_size} bytes, the header says {nbytes}")
-
-
-def _read_exactly(fd: int, buffer: memoryview, where: str) -> None:
-    done = 0
-    while done < len(buffer):
-        count = os.readv(fd, [buffer[done:]])
-        if count == 0:
-            raise ProtocolError(where, f"ended after {done} of {len(buffer)} bytes")
-        done += count

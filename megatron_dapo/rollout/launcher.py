@@ -3,6 +3,10 @@
 Each server runs in a process session of its own, so stopping it stops the processes it spawned (SGLang's
 scheduler and detokenizer) through its process group, never by name. A restarted server holds the weights it
 was launched with: the trainer must push its current weights again before using it.
+
+A pool's servers share one API key (rollout/api_key.py): the one given, else $DAPO_API_KEY, else a new one.
+Each server finds it in its environment as DAPO_API_KEY (where the CPU engine reads it, out of the process
+list); SGLang, which reads only its flag, also gets `--api-key`. Clients take `pool.api_key`.
 """
 
 import asyncio
@@ -13,11 +17,13 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
 import aiohttp
+
+from megatron_dapo.rollout.api_key import API_KEY_ENV, api_key_from_env, new_api_key
 
 SGLANG_MODULE = "sglang.launch_server"
 CPU_ENGINE_MODULE = "megatron_dapo.rollout.cpu_engine"
@@ -46,6 +52,7 @@ class ServerSpec:
     log_file: str | None = None  # the server's stdout and stderr, appended; None: inherited
     extra_args: tuple[str, ...] = ()  # passed through verbatim
     env: Mapping[str, str] = field(default_factory=dict)  # e.g. OMP_NUM_THREADS for a CPU engine
+    api_key: str | None = field(default=None, repr=False)  # set by ServerPool; SGLang gets it as a flag
 
     @property
     def url(self) -> str:
@@ -65,6 +72,8 @@ class ServerSpec:
             command += ["--base-gpu-id", str(self.base_gpu_id)]
         if self.random_seed is not None:
             command += ["--random-seed", str(self.random_seed)]
+        if self.api_key and self.engine == "sglang":
+            command += ["--api-key", self.api_key]
         return command + list(self.extra_args)
 
 
@@ -109,8 +118,9 @@ class _Launchable(Protocol):
 class ManagedServer:
     """One server process: start, health wait, stop, restart."""
 
-    def __init__(self, spec: _Launchable):
+    def __init__(self, spec: _Launchable, api_key: str | None = None):
         self.spec = spec
+        self.api_key = api_key  # handed to the server as DAPO_API_KEY
         self.url = spec.url
         self.process: subprocess.Popen | None = None
 
@@ -123,7 +133,7 @@ class ManagedServer:
                 self.spec.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT if log else None,
-                env={**os.environ, **self.spec.env},
+                env={**os.environ, **self.spec.env, **({API_KEY_ENV: self.api_key} if self.api_key else {})},
                 start_new_session=True,  # its own process group, for stop()
             )
         finally:
@@ -188,10 +198,15 @@ class ServerPool:
     """The rollout servers of a run, and their router if any: `async with ServerPool(specs) as pool`."""
 
     def __init__(
-        self, specs: Sequence[_Launchable], router: RouterSpec | None = None, start_timeout_s: float = 900
+        self,
+        specs: Sequence[_Launchable],
+        router: RouterSpec | None = None,
+        start_timeout_s: float = 900,
+        api_key: str | None = None,
     ):
-        self.servers = [ManagedServer(spec) for spec in specs]
-        self.router = ManagedServer(router) if router else None
+        self.api_key = api_key or api_key_from_env() or new_api_key()  # never logged
+        self.servers = [ManagedServer(_with_api_key(spec, self.api_key), self.api_key) for spec in specs]
+        self.router = ManagedServer(router, self.api_key) if router else None
         self.start_timeout_s = start_timeout_s  # model loading (and SGLang's CUDA graphs) can take minutes
 
     @property
@@ -240,6 +255,11 @@ class ServerPool:
 
     async def __aexit__(self, *exc_info) -> None:
         self.stop()
+
+
+def _with_api_key(spec: _Launchable, api_key: str) -> _Launchable:
+    """A ServerSpec carries the key for its SGLang flag; other specs find it in their environment only."""
+    return replace(spec, api_key=api_key) if isinstance(spec, ServerSpec) else spec
 
 
 async def _false() -> bool:

@@ -10,6 +10,9 @@ prefix-free; the closing ";" (refused inside request ids) makes them so.
 Failures: connection errors and 502/503/504 are retried with exponential backoff; a server still unreachable
 after the retries is marked unavailable and the samples it held move to another server (generation restarts
 there). Restarting a dead server is the launcher's job (ServerPool.restart_dead); call mark_available() after.
+
+Authentication: every request carries `Authorization: Bearer <api_key>` (SGLang's --api-key); the key is the
+`api_key` argument, else the environment variable DAPO_API_KEY (rollout/api_key.py), else none.
 """
 
 import asyncio
@@ -23,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from megatron_dapo.rollout import sglang_protocol as protocol
+from megatron_dapo.rollout.api_key import api_key_from_env, authorization_header
 from megatron_dapo.rollout.engine import EngineError, EngineRequestError, EngineUnavailableError
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
 
@@ -53,13 +57,19 @@ class SGLangClient:
     """Implements rollout.engine.RolloutEngine over HTTP. Use as `async with SGLangClient(urls) as client`."""
 
     def __init__(
-        self, server_urls: Sequence[str], *, router_url: str | None = None, retry: RetryPolicy = RetryPolicy()
+        self,
+        server_urls: Sequence[str],
+        *,
+        router_url: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        api_key: str | None = None,
     ):
         if not server_urls:
             raise ValueError("server_urls: give at least one server, e.g. ['http://127.0.0.1:30000']")
         self.server_urls = [url.rstrip("/") for url in server_urls]
         self.router_url = router_url.rstrip("/") if router_url else None
         self.retry = retry
+        self._headers = authorization_header(api_key or api_key_from_env())
         self.weight_versions = dict.fromkeys(self.server_urls, 0)
         self._outstanding = dict.fromkeys(self.server_urls, 0)  # samples in flight, per server
         self._unavailable: set[str] = set()
@@ -297,7 +307,9 @@ class SGLangClient:
     def _client_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # limit=0: thousands of samples may be in flight at once, one connection each.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), headers=self._headers
+            )
         return self._session
 
     async def _request(

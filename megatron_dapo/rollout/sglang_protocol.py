@@ -374,7 +374,7 @@ def parse_engine_sampling(body: Mapping[str, Any] | None) -> tuple[EngineSamplin
         raise ProtocolError(f"sampling_params.{name}", f"{value!r} is not supported by the CPU engine")
     temperature = _number(body, "temperature", 1.0)
     top_p = _number(body, "top_p", 1.0)
-    top_k = int(_number(body, "top_k", -1))
+    top_k = _integer(body.get("top_k"), "sampling_params.top_k", default=-1)
     if not temperature >= 0.0 or temperature == float("inf"):
         raise ProtocolError(
             "sampling_params.temperature", f"must be a non-negative finite number, got {temperature}"
@@ -386,28 +386,51 @@ def parse_engine_sampling(body: Mapping[str, Any] | None) -> tuple[EngineSamplin
     if top_k < 1 and top_k != -1:
         raise ProtocolError("sampling_params.top_k", f"must be -1 (disabled) or at least 1, got {top_k}")
     max_new_tokens = body.get("max_new_tokens", 128)
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
-        raise ProtocolError(
-            "sampling_params.max_new_tokens", f"must be an integer >= 0, got {max_new_tokens!r}"
-        )
-    n = 1 if body.get("n") is None else body["n"]
-    if not isinstance(n, int) or n < 1:
-        raise ProtocolError("sampling_params.n", f"must be an integer >= 1, got {n!r}")
+    if max_new_tokens is not None:
+        max_new_tokens = _integer(max_new_tokens, "sampling_params.max_new_tokens", minimum=0)
+    n = _integer(body.get("n"), "sampling_params.n", default=1, minimum=1)
     seed = body.get("sampling_seed")
-    if seed is not None and not isinstance(seed, int):
-        raise ProtocolError("sampling_params.sampling_seed", f"must be an integer, got {seed!r}")
+    if seed is not None:
+        seed = _integer(seed, "sampling_params.sampling_seed")
+    stop_token_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_token_ids, list):
+        raise ProtocolError(
+            "sampling_params.stop_token_ids", f"must be a list of token ids, got {stop_token_ids!r}"
+        )
     sampling = EngineSampling(
         temperature=temperature,
         top_p=top_p,
         top_k=None if top_k == -1 or top_k >= TOP_K_ALL else top_k,
         max_new_tokens=max_new_tokens,
-        stop_token_ids=frozenset(int(token) for token in body.get("stop_token_ids") or ()),
+        stop_token_ids=frozenset(
+            _integer(token, f"sampling_params.stop_token_ids[{index}]")
+            for index, token in enumerate(stop_token_ids)
+        ),
         ignore_eos=bool(body.get("ignore_eos", False)),
         sampling_seed=seed,
         skip_special_tokens=body.get("skip_special_tokens", True) is not False,
         no_stop_trim=bool(body.get("no_stop_trim", False)),
     )
     return sampling, n
+
+
+def _integer(value: Any, field: str, *, default: int | None = None, minimum: int | None = None) -> int:
+    """A JSON integer (an integral float too; never a boolean, which Python counts as an int)."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(field, f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ProtocolError(field, f"must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(field, f"must be a string, got {value!r}")
+    return value
 
 
 def _number(body: Mapping[str, Any], name: str, default: float) -> float:
@@ -434,8 +457,11 @@ def _input_batch(body: Mapping[str, Any], vocab_size: int) -> tuple[list[tuple[i
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, list) or not prompt:
             raise ProtocolError(f"input_ids[{index}]", "must be a non-empty list of token ids")
-        if not all(isinstance(token, int) and 0 <= token < vocab_size for token in prompt):
-            raise ProtocolError(f"input_ids[{index}]", f"token ids must be integers in [0, {vocab_size})")
+        # type() and not isinstance(): JSON true is a Python bool, which is an int.
+        if not all(type(token) is int and 0 <= token < vocab_size for token in prompt):
+            raise ProtocolError(
+                f"input_ids[{index}]", f"token ids must be integers (not booleans) in [0, {vocab_size})"
+            )
         checked.append(tuple(prompt))
     return checked, is_single
 
@@ -459,10 +485,13 @@ def _expanded_rids(rid: Any, batch_size: int, n: int, is_single: bool) -> list[s
     raise ProtocolError("rid", f"must be a string or a list of {batch_size} strings")
 
 
-def parse_generate_request(body: Mapping[str, Any], vocab_size: int) -> tuple[list[GenerateItem], bool]:
+def parse_generate_request(
+    body: Mapping[str, Any], vocab_size: int, max_sequences: int = 1024
+) -> tuple[list[GenerateItem], bool]:
     """The sequences a /generate body asks for, in SGLang's output order, and whether to answer with one dict.
 
     With n samples of a batch of prompts SGLang repeats the whole batch n times: output k is prompt k % batch.
+    More than `max_sequences` (prompts x n) are refused before any is made.
     """
     _reject_unknown(body, GENERATE_REQ_FIELDS, "generate")
     for name, value in body.items():
@@ -484,7 +513,14 @@ def parse_generate_request(body: Mapping[str, Any], vocab_size: int) -> tuple[li
     if isinstance(sampling_body, list):
         raise ProtocolError("sampling_params", "send one sampling_params dict for the whole batch")
     sampling, n = parse_engine_sampling(sampling_body)
+    if n > max_sequences:
+        raise ProtocolError("sampling_params.n", f"{n} samples: this server takes at most {max_sequences}")
     prompts, is_single = _input_batch(body, vocab_size)
+    if len(prompts) * n > max_sequences:
+        raise ProtocolError(
+            "input_ids",
+            f"{len(prompts)} prompts x n={n}: this server takes at most {max_sequences} sequences",
+        )
     rids = _expanded_rids(body.get("rid"), len(prompts), n, is_single)
     items = [
         GenerateItem(
@@ -507,7 +543,7 @@ class AbortRequest:
 
 def parse_abort_request(body: Mapping[str, Any]) -> AbortRequest:
     _reject_unknown(body, ABORT_REQ_FIELDS, "abort_request")
-    rid, abort_all = body.get("rid") or "", bool(body.get("abort_all", False))
+    rid, abort_all = _string(body.get("rid") or "", "rid"), bool(body.get("abort_all", False))
     if not abort_all and not rid:
         raise ProtocolError("rid", "give the rid to abort, or abort_all=true")
     return AbortRequest(rid=rid, abort_all=abort_all)
@@ -548,22 +584,27 @@ class InitWeightsUpdateGroup:
 
 def parse_init_weights_update_group(body: Mapping[str, Any]) -> InitWeightsUpdateGroup:
     _reject_unknown(body, INIT_WEIGHTS_UPDATE_GROUP_FIELDS, "init_weights_update_group")
-    try:
-        return InitWeightsUpdateGroup(
-            master_address=str(body["master_address"]),
-            master_port=int(body["master_port"]),
-            rank_offset=int(body["rank_offset"]),
-            world_size=int(body["world_size"]),
-            group_name=str(body.get("group_name") or DEFAULT_GROUP_NAME),
-            backend=str(body.get("backend") or "nccl"),
-        )
-    except KeyError as error:
-        raise ProtocolError(str(error.args[0]), "required field missing") from error
+    missing = [
+        name for name in ("master_address", "master_port", "rank_offset", "world_size") if name not in body
+    ]
+    if missing:
+        raise ProtocolError(missing[0], "required field missing")
+    master_port = _integer(body["master_port"], "master_port", minimum=1)
+    if master_port > 65535:
+        raise ProtocolError("master_port", f"{master_port} is not a TCP port")
+    return InitWeightsUpdateGroup(
+        master_address=_string(body["master_address"], "master_address"),
+        master_port=master_port,
+        rank_offset=_integer(body["rank_offset"], "rank_offset", minimum=0),
+        world_size=_integer(body["world_size"], "world_size", minimum=1),
+        group_name=_string(body.get("group_name") or DEFAULT_GROUP_NAME, "group_name"),
+        backend=_string(body.get("backend") or "nccl", "backend"),
+    )
 
 
 def parse_destroy_weights_update_group(body: Mapping[str, Any]) -> str:
     _reject_unknown(body, DESTROY_WEIGHTS_UPDATE_GROUP_FIELDS, "destroy_weights_update_group")
-    return str(body.get("group_name") or DEFAULT_GROUP_NAME)
+    return _string(body.get("group_name") or DEFAULT_GROUP_NAME, "group_name")
 
 
 @dataclass(frozen=True)
@@ -584,11 +625,16 @@ def parse_update_weights_from_distributed(body: Mapping[str, Any]) -> UpdateWeig
         raise ProtocolError("names", "names, dtypes and shapes must be lists")
     if not len(names) == len(dtypes) == len(shapes):
         raise ProtocolError("names", f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes")
+    if not all(isinstance(shape, list) for shape in shapes):
+        raise ProtocolError("shapes", "each shape must be a list of sizes")
     return UpdateWeightsFromDistributed(
-        names=[str(name) for name in names],
-        dtypes=[str(dtype) for dtype in dtypes],
-        shapes=[[int(size) for size in shape] for shape in shapes],
-        group_name=str(body.get("group_name") or DEFAULT_GROUP_NAME),
+        names=[_string(name, f"names[{index}]") for index, name in enumerate(names)],
+        dtypes=[_string(dtype, f"dtypes[{index}]") for index, dtype in enumerate(dtypes)],
+        shapes=[
+            [_integer(size, f"shapes[{index}]", minimum=0) for size in shape]
+            for index, shape in enumerate(shapes)
+        ],
+        group_name=_string(body.get("group_name") or DEFAULT_GROUP_NAME, "group_name"),
         load_format=body.get("load_format"),
         abort_all_requests=bool(body.get("abort_all_requests", False)),
         weight_version=_optional_str(body, "weight_version"),
@@ -602,6 +648,8 @@ def parse_memory_tags(body: Mapping[str, Any] | None) -> tuple[str, ...]:
     tags = body.get("tags")
     if tags is None:
         return MEMORY_TAGS
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise ProtocolError("tags", f"must be a list of memory tags {MEMORY_TAGS} or null, got {tags!r}")
     unknown = set(tags) - set(MEMORY_TAGS)
     if unknown:
         raise ProtocolError("tags", f"unknown memory tags {sorted(unknown)}; SGLang knows {MEMORY_TAGS}")

@@ -1,5 +1,5 @@
 """A step's groups as training data: one sample per response with its advantage, split into mini-batches,
-each packed into this data-parallel rank's micro-batches."""
+and each data-parallel rank's share of them (trainer/distribute.py sends each rank its own)."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,24 +52,60 @@ class StepBatch:
             )
         return [list(range(i, i + samples_per_minibatch)) for i in range(0, len(self), samples_per_minibatch)]
 
-    def microbatches(
+    def select(self, ids: Sequence[int]) -> "StepBatch":
+        """The samples `ids`, in that order, renumbered from 0."""
+        return StepBatch(
+            samples=[self.samples[i] for i in ids],
+            advantages=self.advantages[list(ids)],
+            truncated=self.truncated[list(ids)],
+            rollout_logprobs=[self.rollout_logprobs[i] for i in ids],
+        )
+
+    def shard(
         self,
-        sample_ids: Sequence[int],
         *,
-        dp_rank: int,
+        samples_per_minibatch: int,
         dp_size: int,
         tokens_per_microbatch: int,
         cp: int,
         pad_multiple: int,
-    ) -> list[PackedBatch]:
-        """This DP rank's packed micro-batches of one mini-batch. Every rank computes the same plan from the
-        same lengths (no communication) and gets the same number of micro-batches; packed sample ids are
-        indices into this StepBatch."""
-        plan = plan_microbatches(
-            [len(self.samples[i].token_ids) for i in sample_ids],
-            dp_size=dp_size,
-            tokens_per_microbatch=tokens_per_microbatch,
-            cp=cp,
-            pad_multiple=pad_multiple,
-        )[dp_rank]
-        return [pack(self.samples, [sample_ids[j] for j in group], pad_multiple) for group in plan]
+    ) -> list["RankBatch"]:
+        """Each data-parallel rank's share of the step: the samples it trains on, in micro-batch order, and
+        its micro-batch plan. Every rank gets the same number of micro-batches in each mini-batch (filler
+        micro-batches where it has too few samples), so that all ranks run the same schedule."""
+        ids: list[list[int]] = [[] for _ in range(dp_size)]
+        plans: list[list[list[int]]] = [[] for _ in range(dp_size)]  # [rank][minibatch] = micro-batch sizes
+        for minibatch in self.minibatches(samples_per_minibatch):
+            plan = plan_microbatches(
+                [len(self.samples[i].token_ids) for i in minibatch],
+                dp_size=dp_size,
+                tokens_per_microbatch=tokens_per_microbatch,
+                cp=cp,
+                pad_multiple=pad_multiple,
+            )
+            for rank, microbatches in enumerate(plan):
+                ids[rank].extend(minibatch[j] for microbatch in microbatches for j in microbatch)
+                plans[rank].append([len(microbatch) for microbatch in microbatches])
+        return [RankBatch(self.select(i), p) for i, p in zip(ids, plans, strict=True)]
+
+
+@dataclass(frozen=True)
+class RankBatch:
+    """One data-parallel rank's share of a step: its samples, laid out micro-batch after micro-batch."""
+
+    data: StepBatch  # this rank's samples only, numbered from 0
+    plan: list[list[int]]  # plan[minibatch] = the sizes of its micro-batches, in samples (0: a filler)
+
+    def microbatch_ids(self) -> list[list[list[int]]]:
+        """ids[minibatch][microbatch] = indices into `data` (consecutive by construction)."""
+        ids, start = [], 0
+        for sizes in self.plan:
+            ids.append([list(range(start, start := start + size)) for size in sizes])
+        return ids
+
+    def microbatches(self, pad_multiple: int) -> list[list[PackedBatch]]:
+        """Every mini-batch's packed micro-batches."""
+        return [
+            [pack(self.data.samples, microbatch, pad_multiple) for microbatch in minibatch]
+            for minibatch in self.microbatch_ids()
+        ]

@@ -48,11 +48,17 @@ class EngineConnection:
     """An engine client and the event loop it runs on; `close` ends both and stops servers launched here."""
 
     def __init__(
-        self, urls: list[str], *, pool: ServerPool | None = None, loop: BackgroundLoop | None = None
+        self,
+        urls: list[str],
+        *,
+        pool: ServerPool | None = None,
+        loop: BackgroundLoop | None = None,
+        api_key: str | None = None,
     ):
         self.urls, self.pool = urls, pool
+        self.api_key = api_key  # None: the client reads $DAPO_API_KEY
         self.loop = loop or BackgroundLoop()
-        self.client = SGLangClient(urls)
+        self.client = SGLangClient(urls, api_key=api_key)
 
     @classmethod
     def start(cls, cfg: RolloutConfig, *, model_path: str, log_dir: Path, seed: int) -> "EngineConnection":
@@ -69,7 +75,7 @@ class EngineConnection:
         except BaseException:
             loop.close()
             raise
-        return cls(pool.urls, pool=pool, loop=loop)
+        return cls(pool.urls, pool=pool, loop=loop, api_key=pool.api_key)
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run an engine call from the training thread and wait for it."""

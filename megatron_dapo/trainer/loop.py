@@ -36,13 +36,14 @@ from megatron_dapo.rollout.weight_sync import (
     servers_from_urls,
     sync_weights,
 )
-from megatron_dapo.trainer.batch import StepBatch
+from megatron_dapo.trainer.batch import RankBatch, StepBatch
 from megatron_dapo.trainer.checkpointing import load_optimizer, optimizer_metadata, save_checkpoint
 from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts
+from megatron_dapo.trainer.distribute import distribute_batch
 from megatron_dapo.trainer.engine import EngineConnection
 from megatron_dapo.trainer.objective import DapoObjective, ObjectiveSettings, token_targets
 from megatron_dapo.trainer.policy import build_policy, parallel_dims
-from megatron_dapo.trainer.rollout import Group, RewardSettings, RolloutCollector, RolloutSettings
+from megatron_dapo.trainer.rollout import RewardSettings, RolloutCollector, RolloutSettings
 from megatron_dapo.trainer.signals import StopRequest
 from megatron_dapo.trainer.tracking import MetricsTracker
 from megatron_dapo.trainer.train_step import StepResult, forward_logprobs, train_step
@@ -75,9 +76,8 @@ class Trainer:
             self.step += 1
             metrics: Metrics = defaultdict(dict)
             # G samples per prompt, rewarded; dynamic sampling keeps groups with 0 < #correct < G
-            groups = self.generate(metrics)
-            batch = StepBatch.from_groups(groups, scale_by_std=self.cfg.algorithm.scale_advantage_by_std)
-            self.train(batch, metrics)  # pi_old log-probs, then one clipped update per mini-batch
+            share = self.generate(metrics)  # this data-parallel rank's samples, with their advantages
+            self.train(share, metrics)  # pi_old log-probs, then one clipped update per mini-batch
             self.sync_weights(metrics)  # the engine samples the next step from the new policy
             if self._due(self.cfg.eval.every_steps):
                 _merge(metrics, self.evaluate())
@@ -92,26 +92,32 @@ class Trainer:
 
     # ---- the steps of the loop ---------------------------------------------------------------------------
 
-    def generate(self, metrics: Metrics) -> list[Group]:
-        """Rank 0 runs the step's rollout; every rank receives the groups (Python objects, once a step)."""
-        payload: list[Any] = [None]
+    def generate(self, metrics: Metrics) -> RankBatch:
+        """Rank 0 runs the step's rollout and normalises advantages over each whole group; every rank then
+        receives its own data-parallel share, as tensors (trainer/distribute.py)."""
+        shares = None
         if self.rank == 0:
-            payload = [self.engine.run(self.collector.collect(self.step))]
+            groups, rollout_metrics = self.engine.run(self.collector.collect(self.step))
+            _merge(metrics, rollout_metrics)
             if self.colocated:  # training needs the GPU memory the servers hold
                 self.engine.run(self.engine.client.release_memory())
                 self._engine_released = True
-        dist.broadcast_object_list(payload, src=0)
-        groups, rollout_metrics = payload[0]
-        _merge(metrics, rollout_metrics)
-        return groups
+            batch = StepBatch.from_groups(groups, scale_by_std=self.cfg.algorithm.scale_advantage_by_std)
+            p = self.cfg.parallel
+            shares = batch.shard(
+                samples_per_minibatch=self.cfg.train.samples_per_minibatch,
+                dp_size=self.pg.dp.size(),
+                tokens_per_microbatch=self.cfg.train.tokens_per_microbatch,
+                cp=p.context,
+                pad_multiple=self.pad_multiple,
+            )
+        return distribute_batch(shares, self.pg)
 
-    def train(self, batch: StepBatch, metrics: Metrics) -> None:
+    def train(self, share: RankBatch, metrics: Metrics) -> None:
         """pi_old for every mini-batch first (forward only), then one gradient update per mini-batch."""
         started = time.perf_counter()
         self.policy.scheduler.step(1)  # warm-up counts rollout steps
-        minibatches = [
-            self._microbatches(batch, ids) for ids in batch.minibatches(self.cfg.train.samples_per_minibatch)
-        ]
+        minibatches = share.microbatches(self.pad_multiple)
         old_logprobs = [self._old_logprobs(microbatches) for microbatches in minibatches]
         metrics["timing"]["old_logprobs_s"] = time.perf_counter() - started
         results = [
@@ -119,7 +125,7 @@ class Trainer:
                 self.policy.ddp,
                 self.policy.optimizer,
                 microbatches,
-                self._objective(batch, microbatches, old),
+                self._objective(share.data, microbatches, old),
                 self.policy.distribution,
                 self.pg,
             )
@@ -209,17 +215,6 @@ class Trainer:
     def _due(self, every_steps: int) -> bool:
         return every_steps > 0 and (self.step % every_steps == 0 or self.step == self.cfg.train.steps)
 
-    def _microbatches(self, batch: StepBatch, sample_ids: list[int]) -> list[PackedBatch]:
-        p = self.cfg.parallel
-        return batch.microbatches(
-            sample_ids,
-            dp_rank=self.pg.dp.rank(),
-            dp_size=self.pg.dp.size(),
-            tokens_per_microbatch=self.cfg.train.tokens_per_microbatch,
-            cp=p.context,
-            pad_multiple=sequence_pad_multiple(p.context, p.tensor, p.sequence_parallel),
-        )
-
     def _old_logprobs(self, microbatches: list[PackedBatch]) -> dict[int, torch.Tensor]:
         """log pi_old of each response token of this rank's samples, by sample id."""
         results = forward_logprobs(self.policy.ddp, microbatches, self.policy.distribution, self.pg)
@@ -265,6 +260,8 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.objective_settings = _objective_settings(cfg)
+        p = cfg.parallel
+        self.pad_multiple = sequence_pad_multiple(p.context, p.tensor, p.sequence_parallel)
         self._connect_engine()
         self.tracker = self._closing.enter_context(
             MetricsTracker(
@@ -314,18 +311,19 @@ class Trainer:
         self.colocated = r.colocate and torch.cuda.is_available()
         self._engine_released = False  # the servers gave their GPU memory to training
         self.engine_dtype = getattr(torch, self.cfg.model.dtype) if r.backend == "sglang" else torch.float32
-        urls: list[Any] = [None]
+        servers: list[Any] = [None]  # (urls, API key): senders need the key of servers launched here
         self.engine: EngineConnection | None = None
         if self.rank == 0:
             self.engine = EngineConnection.start(
                 r, model_path=self.cfg.model.hf_path, log_dir=self.run_dir / "logs", seed=self.cfg.train.seed
             )
             self._closing.callback(self.engine.close)
-            urls = [self.engine.urls]
-        dist.broadcast_object_list(urls, src=0)
-        self.transport = self._weight_transport(urls[0])
+            servers = [(self.engine.urls, self.engine.api_key)]
+        dist.broadcast_object_list(servers, src=0)
+        urls, api_key = servers[0]
+        self.transport = self._weight_transport(urls)
         if self.rank != 0 and is_sender(self.pg, self.transport):
-            self.engine = EngineConnection(urls[0])
+            self.engine = EngineConnection(urls, api_key=api_key)
             self._closing.callback(self.engine.close)
         if self.rank == 0:
             settings = RolloutSettings(

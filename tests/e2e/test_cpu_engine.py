@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import pickle
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from megatron_dapo.rollout import sglang_protocol as protocol
+from megatron_dapo.rollout.api_key import api_key_from_env, authorization_header
 from megatron_dapo.rollout.engine import EngineRequestError
 from megatron_dapo.rollout.host_payload import SegmentWriter
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
@@ -342,7 +344,7 @@ def test_weight_update_from_distributed_broadcast(engine, reference, other_model
 
 async def _errors_name_their_cause(client: SGLangClient, reference) -> None:
     url = client.server_urls[0]
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=authorization_header(api_key_from_env())) as session:
         body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "repetition_penalty": 1.3}}
         async with session.post(url + protocol.GENERATE, json=body) as response:
             assert response.status == 400 and "repetition_penalty" in await response.text()
@@ -364,3 +366,36 @@ async def _errors_name_their_cause(client: SGLangClient, reference) -> None:
 
 def test_errors_name_their_cause(engine, reference):
     run(engine, _errors_name_their_cause, reference)
+
+
+def test_a_join_nobody_answers_neither_stalls_generation_nor_delays_exit(model_dir, tmp_path):
+    """Its own engine (the default 60 s join wait): requests are served while the join waits, and SIGTERM
+    ends the engine at once (a join used to hold the model thread, and the exit, for up to 10 minutes)."""
+    spec = ServerSpec(model_path=str(model_dir), port=free_port(), engine="cpu",
+                      log_file=str(tmp_path / "engine.log"), env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    pool = ServerPool([spec], start_timeout_s=180)
+    asyncio.run(pool.start())
+    [server] = pool.servers
+    try:
+
+        async def generate_while_joining():
+            async with SGLangClient(pool.urls, api_key=pool.api_key) as client:
+                join = asyncio.ensure_future(
+                    client.init_weights_update_group(
+                        pool.urls[0], master_address="127.0.0.1", master_port=free_port(), rank_offset=1,
+                        world_size=2, backend="gloo",
+                    )
+                )  # fmt: skip
+                await asyncio.sleep(1.0)
+                params = SamplingParams(temperature=0.0, max_new_tokens=6)
+                [completion] = await asyncio.wait_for(client.generate(PROMPT, params), timeout=30)
+                assert len(completion.token_ids) == 6 and not join.done()
+                join.cancel()
+
+        asyncio.run(generate_while_joining())
+        started = time.monotonic()
+        server.process.terminate()
+        server.process.wait(timeout=20)
+        assert time.monotonic() - started < 10
+    finally:
+        pool.stop()

@@ -45,15 +45,24 @@ def test_the_demo_trains_and_reports(request, tmp_path_factory, tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "dapo" and summary["steps"] == 2
-    assert 0 <= summary["accuracy_start"] <= 1 and 0 <= summary["accuracy_end"] <= 1
+    # The summary's figures are the evaluations the trainer logged: before any update (step 0) and after the
+    # last step, read here from metrics.jsonl independently of the demo's own reader.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {row["step"]: row["eval/avg@2"] for row in rows if "eval/avg@2" in row}
+    assert sorted(evaluated) == [0, 2]
+    assert (summary["accuracy_start"], summary["accuracy_end"]) == (evaluated[0], evaluated[2])
+    held_out_rows = [json.loads(line) for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
+    problems = len({(row["problem"], row["answer"]) for row in held_out_rows})  # repeated rows are merged
+    assert summary["accuracy_metric"] == f"eval/avg@2 on {problems} held-out problems"
+    for accuracy in evaluated.values():  # a mean over 2 samples of each problem: a multiple of 1/(2N)
+        correct = accuracy * 2 * problems
+        assert abs(correct - round(correct)) < 1e-6, accuracy
     assert (
         f"{summary['accuracy_start']:.1%} at the start -> {summary['accuracy_end']:.1%} at the end" in output
     )
     assert (out / "report.png").stat().st_size > 10_000
     assert (out / "model" / "config.json").is_file() and (out / "data" / "train.jsonl").is_file()
-    held_out = {
-        json.loads(line)["problem"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()
-    }
+    held_out = {row["problem"] for row in held_out_rows}
     trained = {
         json.loads(line)["problem"] for line in (out / "data" / "train.jsonl").read_text().splitlines()
     }

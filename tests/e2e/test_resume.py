@@ -140,3 +140,26 @@ def test_stopped_and_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(
         assert not differing and got[step].keys() == expected[step].keys(), (
             f"step {step} {where}: {differing}"
         )
+
+
+def test_two_data_parallel_ranks_train_as_one(demo_inputs, engine_url, tmp_path):
+    """DP=2 (each rank receiving its own share of the step as tensors) logs the rollouts of DP=1 exactly and
+    its updates to float rounding: the same samples, split differently, under one token-level denominator."""
+    runs = {}
+    for ranks in (1, 2):
+        run_dir = tmp_path / f"dp{ranks}"
+        cmd = command(demo_inputs, run_dir, engine_url)
+        cmd = [*cmd, "train.steps=2", "checkpoint.save_every_steps=0", "eval.every_steps=0"]
+        if ranks == 2:  # cmd[1:] is "-m megatron_dapo.train ...", which torchrun takes as it is
+            cmd = [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *cmd[1:]]
+        code, output = run(cmd, tmp_path / f"dp{ranks}.log")
+        assert code == 0, output[-4000:]
+        runs[ranks] = without_timings(run_dir)
+    assert sorted(runs[1]) == sorted(runs[2]) == [0, 1, 2]  # step 0: the evaluation before training
+    assert runs[1][0] == runs[2][0]
+    for step in (1, 2):
+        one, two = runs[1][step], runs[2][step]
+        rollout = [name for name in one if name.startswith(("rollout/", "sampling/"))]
+        assert rollout and {k: one[k] for k in rollout} == {k: two[k] for k in rollout}
+        for name in ("train/loss", "train/grad_norm", "train/entropy"):
+            assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-6), (step, name)

@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
-from megatron_dapo.rollout.cpu_engine.server import EngineServer
+from megatron_dapo.rollout.cpu_engine.server import EngineServer, ServerSettings
 from megatron_dapo.rollout.host_payload import SegmentWriter
 from megatron_dapo.rollout.testing import save_tiny_qwen2
 
@@ -147,7 +147,8 @@ def hostile_payloads(shm: Path, files: Files) -> dict[str, tuple[str, str | None
 def make_engine(model_dir: Path, shm: Path) -> EngineServer:
     runner = ModelRunner(str(model_dir), torch.float32, context_length=None)
     scheduler = Scheduler(runner, eos_token_ids=frozenset(), max_running_requests=8, seed=0)
-    return EngineServer(runner, scheduler, None, str(model_dir), None, "0", weight_shm_dir=str(shm))
+    settings = ServerSettings(weight_shm_dir=str(shm))
+    return EngineServer(runner, scheduler, None, str(model_dir), None, "0", settings)
 
 
 async def post(session: aiohttp.ClientSession, url: str, payload: str, load_format) -> tuple[int, dict]:

@@ -1,5 +1,6 @@
 """The CPU shims make megatron's CUDA-only calls work without CUDA, and are never applied with CUDA."""
 
+import pytest
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -7,6 +8,10 @@ from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mp_random
 
 from megatron_dapo.parallel import cpu_shims
+
+# What the shims do is described on the CPU-only machine; where CUDA is present they are never applied (the
+# first test), and tests/gpu covers the real CUDA calls.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="describes the CPU-only machine")
 
 
 def test_shims_are_not_applied_when_cuda_is_available(monkeypatch):
@@ -33,8 +38,8 @@ def test_shims_are_not_applied_when_cuda_is_available(monkeypatch):
         )
 
 
+@cpu_only
 def test_shims_make_megatron_cuda_calls_run_on_cpu():
-    assert not torch.cuda.is_available(), "this test describes the CPU-only machine"
     cpu_shims.apply_cpu_shims()
     cpu_shims.apply_cpu_shims()  # idempotent: a second call must not wrap the wrappers
     assert cpu_shims.cpu_shims_applied()
@@ -47,6 +52,7 @@ def test_shims_make_megatron_cuda_calls_run_on_cpu():
     torch.cuda.synchronize()
 
 
+@cpu_only
 def test_rng_tracker_keeps_cpu_states():
     cpu_shims.apply_cpu_shims()
     tracker = tensor_parallel.get_cuda_rng_tracker()

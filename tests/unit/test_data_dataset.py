@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import (
     BadDataError,
     PromptLoader,
@@ -20,15 +21,15 @@ from megatron_dapo.data.dataset import (
 from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
 
-# file, rows (shared/data/README.md), {row: ground truth} read by eye from the files
-SHARED_FILES = [
-    ("aime2024_dapo.parquet", 960, {0: "540"}),
-    ("dapo_math_17k.parquet", 17_917, {0: "34", 1: "113", 2: "-3", 8: "509"}),
-    ("aime2024.jsonl", 30, {0: "204", 7: "025", 15: "073"}),
-    ("aime2025.jsonl", 30, {0: "70", 1: "588"}),
-    ("amc23.jsonl", 40, {0: "27", 3: "3159", 15: "-1"}),
-    ("math500.jsonl", 500, {0: "\\left( 3, \\frac{\\pi}{2} \\right)", 1: "p - q", 2: "\\frac{14}{3}"}),
-    ("gsm8k_test.jsonl", 1_319, {0: "18", 146: "2125", 201: "114200"}),
+# shipped name, rows (megatron_dapo/data/sets/README.md), {row: ground truth} read by eye from the files
+SHIPPED_SETS = [
+    ("aime2024-dapo", 960, {0: "540"}),
+    ("dapo-math-17k", 17_917, {0: "34", 1: "113", 2: "-3", 8: "509"}),
+    ("aime2024", 30, {0: "204", 7: "025", 15: "073"}),
+    ("aime2025", 30, {0: "70", 1: "588"}),
+    ("amc23", 40, {0: "27", 3: "3159", 15: "-1"}),
+    ("math500", 500, {0: "\\left( 3, \\frac{\\pi}{2} \\right)", 1: "p - q", 2: "\\frac{14}{3}"}),
+    ("gsm8k", 1_319, {0: "18", 146: "2125", 201: "114200"}),
 ]
 
 
@@ -42,11 +43,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("name", "num_rows", "ground_truths"), SHARED_FILES)
-def test_shared_files_load_completely(
-    shared_data: Path, name: str, num_rows: int, ground_truths: dict
-) -> None:
-    records, bad_rows = read_records(shared_data / name)
+@pytest.mark.parametrize(("name", "num_rows", "ground_truths"), SHIPPED_SETS)
+def test_shipped_sets_load_completely_by_name(name: str, num_rows: int, ground_truths: dict) -> None:
+    records, bad_rows = read_records(name)
     assert bad_rows == []
     assert len(records) == num_rows
     assert [record.index for record in records] == list(range(num_rows))
@@ -54,20 +53,20 @@ def test_shared_files_load_completely(
         assert records[row].ground_truth == ground_truth
 
 
-def test_dapo_layouts_raw_problem_versus_templated_messages(shared_data: Path) -> None:
-    train, _ = read_records(shared_data / "dapo_math_17k.parquet")
+def test_dapo_layouts_raw_problem_versus_templated_messages() -> None:
+    train, _ = read_records(dataset_file("dapo-math-17k"))
     assert train[0].messages is None
     assert train[0].problem.startswith("In triangle $ABC$, $\\sin \\angle A = \\frac{4}{5}$")
-    evaluation, _ = read_records(shared_data / "aime2024_dapo.parquet")
-    raw = pq.read_table(shared_data / "aime2024_dapo.parquet").slice(0, 1).to_pylist()[0]
+    evaluation, _ = read_records(dataset_file("aime2024-dapo"))
+    raw = pq.read_table(dataset_file("aime2024-dapo")).slice(0, 1).to_pylist()[0]
     assert evaluation[0].problem is None
     assert list(evaluation[0].messages) == raw["prompt"]
 
 
-def test_problem_text_of_jsonl_layouts(shared_data: Path) -> None:
-    records, _ = read_records(shared_data / "gsm8k_test.jsonl")
+def test_problem_text_of_jsonl_layouts() -> None:
+    records, _ = read_records(dataset_file("gsm8k"))
     assert records[0].problem.startswith("Janet\u2019s ducks lay 16 eggs per day.")
-    records, _ = read_records(shared_data / "aime2025.jsonl")
+    records, _ = read_records(dataset_file("aime2025"))
     assert (
         records[0].problem
         == "Find the sum of all integer bases $b>9$ for which $17_b$ is a divisor of $97_b.$"

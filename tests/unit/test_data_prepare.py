@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import read_records
 from megatron_dapo.data.prepare import convert, main
 from megatron_dapo.data.template import apply_prompt_template
@@ -18,27 +19,25 @@ from megatron_dapo.data.template import apply_prompt_template
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_dapo_math_17k_conversion_reports_the_conflicting_answers(
-    shared_data: Path, tmp_path: Path, capsys
-) -> None:
+def test_dapo_math_17k_conversion_reports_the_conflicting_answers(tmp_path: Path, capsys) -> None:
     out = tmp_path / "dapo17k.parquet"
-    main(["--source", str(shared_data / "dapo_math_17k.parquet"), "--out", str(out)])
+    main(["--source", "dapo-math-17k", "--out", str(out)])  # the shipped copy, by name, offline
     report = capsys.readouterr().err
     assert "problems written: 17917" in report
     assert "problems with conflicting answers under different ids (kept): 11" in report
     assert "id 35: 64, id 179: 6" in report
     records, bad_rows = read_records(out)
-    source, _ = read_records(shared_data / "dapo_math_17k.parquet")
+    source, _ = read_records(dataset_file("dapo-math-17k"))
     assert bad_rows == [] and len(records) == 17_917
     assert [(r.problem, r.ground_truth) for r in records[:50]] == [
         (r.problem, r.ground_truth) for r in source[:50]
     ]
 
 
-def test_templated_eval_file_becomes_one_raw_problem_per_id(shared_data: Path, tmp_path: Path) -> None:
-    conversion = convert(shared_data / "aime2024_dapo.parquet")
+def test_templated_eval_file_becomes_one_raw_problem_per_id(tmp_path: Path) -> None:
+    conversion = convert(dataset_file("aime2024-dapo"))
     assert (conversion.rows_read, conversion.duplicates_dropped, len(conversion.rows)) == (960, 930, 30)
-    source = pq.read_table(shared_data / "aime2024_dapo.parquet").to_pylist()
+    source = pq.read_table(dataset_file("aime2024-dapo")).to_pylist()
     by_id = {str(row["extra_info"]["index"]): row for row in source}
     for row in conversion.rows:
         original = by_id[row.source_index]
@@ -86,7 +85,8 @@ def test_repeated_hub_rows_are_deduplicated_by_id(tmp_path: Path) -> None:
 def test_download_fails_clearly_when_offline(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--source", "aime-2024", "--out", str(tmp_path / "aime.parquet"), "--cache-dir", str(tmp_path)])
+        out = tmp_path / "aime.parquet"
+        main(["--source", "aime2024-dapo", "--from-hub", "--out", str(out), "--cache-dir", str(tmp_path)])
     message = str(exit_info.value)
     assert (
         "could not download data/aime-2024.parquet of the hub dataset BytedTsinghua-SIA/AIME-2024" in message
@@ -95,20 +95,22 @@ def test_download_fails_clearly_when_offline(tmp_path: Path, monkeypatch) -> Non
     assert not (tmp_path / "aime.parquet").exists()
 
 
-def test_bad_arguments_are_named(tmp_path: Path, shared_data: Path) -> None:
-    with pytest.raises(SystemExit, match="neither an existing file nor a known hub dataset"):
+def test_bad_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="neither a file nor a shipped data set"):
         main(["--source", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "x.parquet")])
+    with pytest.raises(SystemExit, match="--from-hub: --source must be one of dapo-math-17k, aime2024-dapo"):
+        main(["--source", "amc23", "--from-hub", "--out", str(tmp_path / "x.parquet")])
     with pytest.raises(SystemExit, match=re.escape("--out must end in .parquet or .jsonl")):
-        main(["--source", str(shared_data / "amc23.jsonl"), "--out", str(tmp_path / "x.csv")])
+        main(["--source", str(dataset_file("amc23")), "--out", str(tmp_path / "x.csv")])
 
 
-def test_tools_wrapper_runs_the_same_command(shared_data: Path, tmp_path: Path) -> None:
+def test_tools_wrapper_runs_the_same_command(tmp_path: Path) -> None:
     out = tmp_path / "amc23.jsonl"
     command = [
         sys.executable,
         "tools/prepare_data.py",
         "--source",
-        str(shared_data / "amc23.jsonl"),
+        str(dataset_file("amc23")),
         "--out",
         str(out),
     ]

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import read_records
 from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
@@ -48,8 +49,8 @@ def test_template_is_the_papers_byte_for_byte() -> None:
     assert DAPO_PROMPT_TEMPLATE.encode() == EXPECTED_TEMPLATE_BYTES
 
 
-def test_template_reproduces_every_prompt_of_the_dapo_eval_file(shared_data: Path) -> None:
-    rows = pq.read_table(shared_data / "aime2024_dapo.parquet").to_pylist()
+def test_template_reproduces_every_prompt_of_the_dapo_eval_file() -> None:
+    rows = pq.read_table(dataset_file("aime2024-dapo")).to_pylist()
     for row in rows:
         assert apply_prompt_template(row["extra_info"]["raw_problem"]) == row["prompt"][0]["content"]
         assert is_templated(row["prompt"][0]["content"])
@@ -97,8 +98,8 @@ def test_missing_chat_template_names_the_switch(demo_tokenizer) -> None:
         encode_prompts([record], tokenizer)
 
 
-def test_qwen_chat_template_on_dapo_data(shared_data: Path, qwen_tokenizer) -> None:
-    train, _ = read_records(shared_data / "dapo_math_17k.parquet")
+def test_qwen_chat_template_on_dapo_data(qwen_tokenizer) -> None:
+    train, _ = read_records(dataset_file("dapo-math-17k"))
     record = train[0]
     ids = encode_prompts([record], qwen_tokenizer)[0]
     expected_text = (
@@ -112,10 +113,10 @@ def test_qwen_chat_template_on_dapo_data(shared_data: Path, qwen_tokenizer) -> N
     assert raw_ids == qwen_tokenizer(apply_prompt_template(record.problem))["input_ids"]
 
 
-def test_qwen_templated_eval_messages_match_raw_problem_path(shared_data: Path, qwen_tokenizer) -> None:
+def test_qwen_templated_eval_messages_match_raw_problem_path(qwen_tokenizer) -> None:
     """The eval file's pre-templated chat and our template on its raw problem give the same tokens."""
-    rows = pq.read_table(shared_data / "aime2024_dapo.parquet").slice(0, 4).to_pylist()
-    records, _ = read_records(shared_data / "aime2024_dapo.parquet")
+    rows = pq.read_table(dataset_file("aime2024-dapo")).slice(0, 4).to_pylist()
+    records, _ = read_records(dataset_file("aime2024-dapo"))
     raw = [
         PromptRecord(index=i, problem=row["extra_info"]["raw_problem"], ground_truth="0")
         for i, row in enumerate(rows)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_dapo import evaluate as ev
+from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import BadDataError, TokenizedPrompt, tokenize_records
 from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
@@ -318,8 +319,8 @@ def test_output_files_hold_every_sample_and_the_metrics(tokenizer, tmp_path: Pat
 # ---- evaluation sets ---------------------------------------------------------------------------------------
 
 
-def test_the_dapo_aime_file_is_thirty_problems(tokenizer, shared_data: Path) -> None:
-    eval_set = ev.load_eval_set(shared_data / "aime2024_dapo.parquet", tokenizer, max_prompt_tokens=10**6)
+def test_the_dapo_aime_file_is_thirty_problems(tokenizer) -> None:
+    eval_set = ev.load_eval_set(dataset_file("aime2024-dapo"), tokenizer, max_prompt_tokens=10**6)
     assert (eval_set.name, eval_set.rows, eval_set.skipped_rows) == ("aime2024_dapo", 960, 0)
     assert (len(eval_set.prompts), eval_set.duplicate_rows) == (30, 930)
     assert len({p.token_ids for p in eval_set.prompts}) == 30  # 30 different prompts

@@ -21,7 +21,7 @@ def test_every_example_loads(path):
 def test_32b_example_is_the_papers_run():
     cfg = load_config(EXAMPLES / "dapo_qwen32b.yaml")
     a, r, t, o, e = cfg.algorithm, cfg.rollout, cfg.train, cfg.optimizer, cfg.eval
-    assert cfg.model.hf_path.endswith("Qwen2.5-32B") and cfg.data.train_path.endswith("dapo_math_17k.parquet")
+    assert cfg.model.hf_path.endswith("Qwen2.5-32B") and cfg.data.train_path == "dapo-math-17k"
     assert (t.prompts_per_step, a.samples_per_prompt, t.samples_per_minibatch) == (512, 16, 512)
     assert t.prompts_per_step * a.samples_per_prompt // t.samples_per_minibatch == 16  # updates per step
     assert (r.max_response_tokens, a.overlong_buffer_tokens) == (20480, 4096)
@@ -29,7 +29,7 @@ def test_32b_example_is_the_papers_run():
     assert a.overlong_penalty and not a.overlong_filtering and a.dynamic_sampling
     assert (o.lr, o.warmup_steps) == (1e-6, 20)
     assert (r.temperature, r.top_p) == (1.0, 1.0)
-    assert e.path.endswith("aime2024.jsonl") and (e.samples_per_problem, e.temperature, e.top_p) == (
+    assert e.path == "aime2024" and (e.samples_per_problem, e.temperature, e.top_p) == (
         32,
         1.0,
         0.7,

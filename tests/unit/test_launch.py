@@ -25,7 +25,7 @@ FAKE = r'''
 import json, os, signal, sys, time
 
 REAL_PYTHON = {real_python!r}
-RECORDED_ENV = ("SLURM_JOB_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+RECORDED_ENV = ("SLURM_JOB_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "DAPO_API_KEY")
 
 
 def record(**entry):
@@ -54,6 +54,11 @@ def after_options(argv):
 
 
 prog, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
+if prog == "python" and argv[:2] == ["-m", "megatron_dapo.plan"] and os.environ.get("FAKE_PLANNER_CRASH"):
+    print("Traceback (most recent call last):\nImportError: planner broke", file=sys.stderr)
+    if os.environ["FAKE_PLANNER_CRASH"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(1)
 if prog == "python" and argv[:2] not in (["-m", "sglang.launch_server"], ["-m", "megatron_dapo.train"]):
     os.execv(REAL_PYTHON, [REAL_PYTHON, *argv])
 usr1_ignored = signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
@@ -79,7 +84,7 @@ FAKES = ("srun", "scontrol", "sbatch", "torchrun", "python", "curl")
 _LAUNCH_VARIABLES = {
     "CONFIG", "RUN_DIR", "HF_MODEL", "DATA", "EVAL_DATA", "LOAD", "MODEL_SHAPE", "NODES", "GPUS_PER_NODE",
     "GPU_MEMORY_GIB", "ROLLOUT_PLACEMENT", "ROLLOUT_NODES", "MASTER_PORT", "MASTER_ADDR", "NPROC", "DRY_RUN",
-    "CHECKPOINT_GRACE_S", "SERVER_START_TIMEOUT_S",
+    "CHECKPOINT_GRACE_S", "SERVER_START_TIMEOUT_S", "DAPO_API_KEY",
 }  # fmt: skip
 
 
@@ -177,6 +182,28 @@ def test_sbatch_starts_servers_then_training_on_every_node(fake_cluster):
     _assert_all_exited(env)
 
 
+def test_the_job_key_reaches_every_server_and_training_and_is_never_printed(fake_cluster):
+    env = fake_cluster
+    result = run(SBATCH_7B, env)
+    assert result.returncode == 0, result.stderr
+    (train,) = [c for c in calls(env, "python") if "megatron_dapo.train" in c["argv"]]
+    key = train["env"]["DAPO_API_KEY"]
+    assert re.fullmatch(r"[0-9a-f]{64}", key)  # 256 random bits, made for this job
+    servers = [c for c in calls(env, "python") if "sglang.launch_server" in c["argv"]]
+    assert len(servers) == 4
+    for server in servers:
+        argv = server["argv"]
+        assert argv[argv.index("--api-key") + 1] == key and server["env"]["DAPO_API_KEY"] == key
+    # Neither the srun command lines (which Slurm records) nor the job's output hold the key.
+    assert all(key not in " ".join(c["argv"]) for c in calls(env, "srun"))
+    assert key not in result.stdout + result.stderr
+    again = run(SBATCH_7B, dict(env, FAKE_LOG=env["FAKE_LOG"] + ".2"))
+    (train,) = [
+        c for c in calls(dict(env, FAKE_LOG=env["FAKE_LOG"] + ".2"), "python") if "train" in c["argv"][1]
+    ]
+    assert again.returncode == 0 and train["env"]["DAPO_API_KEY"] != key  # a new key per job
+
+
 def test_usr1_reaches_training_which_checkpoints_and_the_job_requeues(fake_cluster):
     env = dict(fake_cluster, FAKE_TRAIN_SECONDS="60")
     batch = subprocess.Popen(
@@ -223,6 +250,7 @@ def test_dry_run_prints_config_and_each_nodes_commands_and_starts_nothing(fake_c
         assert "torchrun --nnodes=2 --nproc-per-node=8" in command
         assert "--rdzv-endpoint=gpu-a01:20077" in command and "rollout.colocate=false" in command
     assert "Parallel layout" in out  # the plan's table
+    assert all('--api-key "$DAPO_API_KEY"' in c for c in by_node["gpu-a03"])  # named, never printed
     # Nothing started: only node names and the planner were asked for; no run directory appeared.
     assert {c["prog"] for c in calls(env)} == {"scontrol"}
     assert not Path(env["RUN_DIR"]).exists()
@@ -235,6 +263,18 @@ def test_an_impossible_plan_is_refused_before_anything_starts(fake_cluster):
     assert "DOES NOT FIT" in result.stdout and "model.recompute_activations=true" in result.stdout
     assert "cannot fit" in result.stderr and "nothing was started" in result.stderr
     assert {c["prog"] for c in calls(env)} == {"sbatch", "scontrol"}
+
+
+@pytest.mark.parametrize(("crash", "status"), [("traceback", 1), ("kill", 137)])
+def test_a_crashing_planner_is_reported_as_a_crash_not_a_verdict(fake_cluster, crash, status):
+    result = run(SBATCH_7B, dict(fake_cluster, FAKE_PLANNER_CRASH=crash))
+    assert result.returncode != 0
+    assert (
+        f"the planner crashed (exit {status})" in result.stderr
+        and "ImportError: planner broke" in result.stderr
+    )
+    assert "cannot fit" not in result.stderr and "nothing was started" in result.stderr
+    assert {c["prog"] for c in calls(fake_cluster)} == {"sbatch", "scontrol"}
 
 
 def test_bad_environment_is_named(fake_cluster):

@@ -31,13 +31,19 @@ def test_world_size_must_be_a_multiple_of_the_model_parallel_size():
     assert ParallelDims(tp=2, cp=2).dp(8) == 2
 
 
-def test_sequence_parallel_is_refused_on_cpu():
+def test_sequence_parallel_is_refused_on_cpu_only(monkeypatch):
+    """The decision, on either kind of machine: the answer of torch.cuda.is_available() is set here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"set parallel\.sequence_parallel=false on CPU"):
         ParallelDims(tp=2, sequence_parallel=True).validate(2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ParallelDims(tp=2, sequence_parallel=True).validate(2)
+    with pytest.raises(ValueError, match=r"sequence_parallel=true needs parallel\.tp > 1"):
+        ParallelDims(tp=1, sequence_parallel=True).validate(1)
 
 
 def test_recompute_is_full_and_one_layer_at_a_time():
-    """What plan.py's activation model assumes: each layer's input kept, one layer rebuilt in backward."""
+    """What plan/memory.py assumes of activations: each layer's input kept, one layer rebuilt in backward."""
     on = transformer_config(arch(), ParallelDims(), params_dtype=torch.float32, recompute_activations=True)
     assert (on.recompute_granularity, on.recompute_method, on.recompute_num_layers) == ("full", "uniform", 1)
     off = transformer_config(arch(), ParallelDims(), params_dtype=torch.float32)

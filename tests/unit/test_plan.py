@@ -7,15 +7,16 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from megatron_dapo.cli.plan import main
 from megatron_dapo.config import load_config
 from megatron_dapo.plan import (
+    DOES_NOT_FIT,
     GIB,
     NAMED_MODELS,
     Assumptions,
     Cluster,
     count_parameters,
     load_model_shape,
-    main,
     make_plan,
     padded_vocab_size,
     stage_parameters,
@@ -128,7 +129,7 @@ def test_step_time_follows_the_stated_assumptions():
 )
 def test_impossible_plans_are_refused_with_a_fix_that_works(overrides, problem, capsys):
     args = ["--config", PAPER_32B, "--model", "qwen2.5-32b", "--nodes", "16", "--json", *overrides]
-    assert main(args) == 1
+    assert main(args) == DOES_NOT_FIT
     report = json.loads(capsys.readouterr().out)
     assert not report["fits"] and any(problem in p["what"] for p in report["problems"])
     assert report["fixes"]
@@ -139,14 +140,17 @@ def test_impossible_plans_are_refused_with_a_fix_that_works(overrides, problem, 
 
 def test_memory_fix_prefers_recompute(capsys):
     args = ["--config", PAPER_32B, "--model", "qwen2.5-32b", "--nodes", "16"]
-    assert main([*args, "model.recompute_activations=false", "train.tokens_per_microbatch=65536"]) == 1
+    assert (
+        main([*args, "model.recompute_activations=false", "train.tokens_per_microbatch=65536"])
+        == DOES_NOT_FIT
+    )
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "model.recompute_activations=true" in out.split("makes it fit")[1]
 
 
 def test_too_few_nodes_suggests_more(capsys):
     args = ["--config", PAPER_32B, "--model", "qwen2.5-32b", "--json"]
-    assert main([*args, "--nodes", "1"]) == 1
+    assert main([*args, "--nodes", "1"]) == DOES_NOT_FIT
     (fix,) = json.loads(capsys.readouterr().out)["fixes"]
     nodes = fix.split()[1]
     assert fix == f"--nodes {nodes} (sbatch --nodes={nodes})" and int(nodes) > 1
@@ -165,7 +169,7 @@ def test_dedicated_rollout_must_match_the_config(capsys):
         "4",
         "--json",
     ]
-    assert main(args) == 1
+    assert main(args) == DOES_NOT_FIT
     assert "rollout.colocate=false" in json.loads(capsys.readouterr().out)["problems"][0]["what"]
     assert main([*args, "rollout.colocate=false"]) == 0
     report = json.loads(capsys.readouterr().out)

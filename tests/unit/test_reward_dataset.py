@@ -1,15 +1,15 @@
 """The reward over the real ground truths: DAPO-Math-17k and AIME 2024 (zero-padded answers)."""
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.reward import compute_score
 
 
-def test_every_dapo_math_17k_ground_truth(shared_data: Path) -> None:
-    table = pq.read_table(shared_data / "dapo_math_17k.parquet", columns=["reward_model"])
+def test_every_dapo_math_17k_ground_truth() -> None:
+    table = pq.read_table(dataset_file("dapo-math-17k"), columns=["reward_model"])
     ground_truths = [row["ground_truth"] for row in table.column("reward_model").to_pylist()]
     assert len(ground_truths) == 17_917
     failures = []
@@ -21,8 +21,8 @@ def test_every_dapo_math_17k_ground_truth(shared_data: Path) -> None:
     assert not failures, failures[:10]
 
 
-def test_aime_2024_padded_answers(shared_data: Path) -> None:
-    rows = [json.loads(line) for line in (shared_data / "aime2024.jsonl").read_text().splitlines()]
+def test_aime_2024_padded_answers() -> None:
+    rows = [json.loads(line) for line in (dataset_file("aime2024")).read_text().splitlines()]
     assert len(rows) == 30 and any(r["answer"].startswith("0") for r in rows)
     for row in rows:
         gt = row["answer"]

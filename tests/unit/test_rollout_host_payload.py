@@ -151,4 +151,5 @@ def test_segments_are_checked_before_they_are_opened(tmp_path):
         _read(header, tmp_path, owner=os.geteuid() + 1)
     [(_, tensor)] = _read(header, tmp_path)
     assert tensor.numpy().tobytes() == data
+    tensor.add_(1.0)  # the mapping is copy-on-write: nothing reaches the file
     assert victim.read_bytes() == data and segment.read_bytes() == data  # read, never changed or removed

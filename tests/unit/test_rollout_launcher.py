@@ -2,13 +2,16 @@
 
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
 
+from megatron_dapo.rollout.api_key import API_KEY_ENV, new_api_key
 from megatron_dapo.rollout.launcher import (
     ManagedServer,
     RouterSpec,
@@ -105,3 +108,43 @@ def test_a_server_that_exits_reports_its_log(tmp_path):
             await server.wait_until_healthy(timeout_s=60)
 
     asyncio.run(scenario())
+
+
+# Answers /health, and /key with the DAPO_API_KEY it was started with.
+KEY_ECHO_SERVER = (
+    "import os, sys; from aiohttp import web; app = web.Application();"
+    "app.router.add_get('/health', lambda request: web.Response());"
+    "app.router.add_get('/key', lambda request: web.Response(text=os.environ.get('DAPO_API_KEY', '')));"
+    "web.run_app(app, host='127.0.0.1', port=int(sys.argv[1]), print=None)"
+)
+
+
+def test_a_pool_makes_one_key_and_hands_it_to_every_server(tmp_path, monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+
+    async def scenario():
+        specs = [ScriptSpec(KEY_ECHO_SERVER, free_port(), str(tmp_path / f"log{i}")) for i in range(2)]
+        async with ServerPool(specs, start_timeout_s=60) as pool, aiohttp.ClientSession() as session:
+            keys = []
+            for url in pool.urls:
+                async with session.get(url + "/key") as response:
+                    keys.append(await response.text())
+            return pool.api_key, keys
+
+    key, keys = asyncio.run(scenario())
+    assert re.fullmatch(r"[0-9a-f]{64}", key) and keys == [key, key]
+    monkeypatch.setenv(API_KEY_ENV, "the-jobs-key")  # a key given to the job is used, not replaced
+    assert ServerPool([]).api_key == "the-jobs-key"
+    assert ServerPool([], api_key="explicit").api_key == "explicit"
+
+
+def test_the_key_is_a_flag_for_sglang_only_and_never_in_a_spec_repr():
+    key = new_api_key()
+    pool = ServerPool(
+        [ServerSpec(model_path="/m", port=1), ServerSpec(model_path="/m", port=2, engine="cpu")], api_key=key
+    )
+    sglang, cpu = (server.spec for server in pool.servers)
+    assert sglang.command()[-2:] == ["--api-key", key]  # SGLang reads only its flag
+    assert key not in " ".join(cpu.command())  # the CPU engine reads DAPO_API_KEY: not in the process list
+    assert all(server.api_key == key for server in pool.servers)
+    assert key not in repr(sglang) + repr(cpu)

@@ -98,7 +98,7 @@ def test_weights_of_another_dtype_or_not_finite_are_refused_unless_cast_is_allow
     with pytest.raises(ProtocolError, match=r"model\.embed_tokens\.weight: dtype torch.bfloat16 .*--allow"):
         runner.load_weights(halved)
     for position in (0, len(update) - 1):
-        for bad in (float("nan"), float("inf")):
+        for bad in (float("nan"), float("inf"), -float("inf")):
             poisoned = [(name, tensor.clone()) for name, tensor in update]
             poisoned[position][1].view(-1)[5] = bad
             with pytest.raises(ProtocolError, match=f"{poisoned[position][0]}: holds non-finite"):

@@ -269,6 +269,17 @@ def test_sampling_normalisation_follows_sglang():
         ({"stop": ["\n"]}, "sampling_params.stop"),
         ({"regex": "a+"}, "sampling_params.regex"),
         ({"top_kk": 3}, "sampling_params.top_kk"),
+        # Values JSON (and Python's json, which reads NaN) can carry that are not what the field holds.
+        ({"top_k": float("nan")}, "sampling_params.top_k"),
+        ({"top_k": 2.5}, "sampling_params.top_k"),
+        ({"top_k": True}, "sampling_params.top_k"),
+        ({"max_new_tokens": True}, "sampling_params.max_new_tokens"),
+        ({"max_new_tokens": "8"}, "sampling_params.max_new_tokens"),
+        ({"n": True}, "sampling_params.n"),
+        ({"sampling_seed": 1.5}, "sampling_params.sampling_seed"),
+        ({"stop_token_ids": ["x"]}, "sampling_params.stop_token_ids[0]"),
+        ({"stop_token_ids": [3, False]}, "sampling_params.stop_token_ids[1]"),
+        ({"stop_token_ids": 7}, "sampling_params.stop_token_ids"),
     ],
 )
 def test_sampling_errors_name_the_field(body, field):
@@ -315,11 +326,56 @@ def test_generate_request_expands_like_sglang():
         ({"input_ids": [1], "lora_path": "/adapter"}, "lora_path"),
         ({"input_ids": [1], "sampling_params": [{}]}, "sampling_params"),
         ({"input_ids": [[1], [2]], "rid": ["a"]}, "rid"),
+        ({"input_ids": [True, True]}, "input_ids[0]"),  # JSON true is a Python int
+        ({"input_ids": [[1], [2, False]]}, "input_ids[1]"),
+        ({"input_ids": [1.0, 2]}, "input_ids[0]"),
+        ({"input_ids": [1], "sampling_params": {"n": 5}}, "sampling_params.n"),  # more than max_sequences
+        ({"input_ids": [[1], [2]], "sampling_params": {"n": 3}}, "input_ids"),  # 2 prompts x 3 > 4
     ],
 )
 def test_generate_request_errors_name_the_field(body, field):
     with pytest.raises(protocol.ProtocolError) as error:
-        protocol.parse_generate_request(body, vocab_size=10)
+        protocol.parse_generate_request(body, vocab_size=10, max_sequences=4)
+    assert error.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "field"),
+    [
+        (protocol.parse_memory_tags, {"tags": 5}, "tags"),
+        (protocol.parse_memory_tags, {"tags": [1]}, "tags"),
+        (protocol.parse_abort_request, {"rid": 5}, "rid"),
+        (protocol.parse_destroy_weights_update_group, {"group_name": ["g"]}, "group_name"),
+        (
+            protocol.parse_init_weights_update_group,
+            {"master_address": "127.0.0.1", "master_port": "x", "rank_offset": 1, "world_size": 2},
+            "master_port",
+        ),
+        (
+            protocol.parse_init_weights_update_group,
+            {"master_address": "127.0.0.1", "master_port": 70000, "rank_offset": 1, "world_size": 2},
+            "master_port",
+        ),
+        (
+            protocol.parse_init_weights_update_group,
+            {"master_address": ["h"], "master_port": 1, "rank_offset": 1, "world_size": 2},
+            "master_address",
+        ),
+        (
+            protocol.parse_update_weights_from_distributed,
+            {"names": ["w"], "dtypes": ["float32"], "shapes": [["a"]]},
+            "shapes[0]",
+        ),
+        (
+            protocol.parse_update_weights_from_distributed,
+            {"names": ["w"], "dtypes": ["float32"], "shapes": [3]},
+            "shapes",
+        ),
+    ],
+)
+def test_control_request_errors_name_the_field(parse, body, field):
+    with pytest.raises(protocol.ProtocolError) as error:
+        parse(body)
     assert error.value.field == field
 
 

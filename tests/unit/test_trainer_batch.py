@@ -6,31 +6,11 @@ import torch
 
 from megatron_dapo.algo import group_advantages
 from megatron_dapo.config import OptimizerConfig
-from megatron_dapo.rollout.types import FinishReason
+from megatron_dapo.data.packing import pack, plan_microbatches
 from megatron_dapo.trainer.batch import StepBatch
+from megatron_dapo.trainer.distribute import decode, encode
 from megatron_dapo.trainer.policy import lr_schedule
-from megatron_dapo.trainer.rollout import Group, Response
-
-
-def random_groups(num_groups: int, group_size: int, seed: int) -> list[Group]:
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for index in range(num_groups):
-        prompt = tuple(
-            torch.randint(0, 40, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-        )
-        responses = []
-        for _ in range(group_size):
-            length = int(torch.randint(1, 12, (1,), generator=g))
-            tokens = tuple(torch.randint(0, 40, (length,), generator=g).tolist())
-            logprobs = tuple((-torch.rand(length, generator=g)).tolist())
-            correct = bool(torch.rand(1, generator=g) < 0.5)
-            truncated = bool(torch.rand(1, generator=g) < 0.2)
-            reward = (1.0 if correct else -1.0) - 0.3 * truncated
-            reason = FinishReason.LENGTH if truncated else FinishReason.STOP
-            responses.append(Response(tokens, logprobs, reason, reward, correct))
-        groups.append(Group(100 + index, prompt, tuple(responses)))
-    return groups
+from tests.helpers.batches import random_groups
 
 
 def test_samples_follow_the_groups_and_advantages_are_normalised_within_each_group():
@@ -58,23 +38,48 @@ def test_minibatches_are_consecutive_and_must_divide_the_step():
         batch.minibatches(6)
 
 
+SHARD = dict(samples_per_minibatch=8, tokens_per_microbatch=40, cp=1, pad_multiple=1)
+
+
 @pytest.mark.parametrize("dp_size", [1, 2, 3])
-def test_each_dp_rank_gets_the_same_number_of_microbatches_and_all_samples_are_covered(dp_size):
+def test_each_dp_rank_gets_its_share_with_the_same_microbatch_count(dp_size):
+    """The shares hold every sample once, and pack into the micro-batches of plan_microbatches."""
     batch = StepBatch.from_groups(random_groups(6, 4, seed=3), scale_by_std=True)
-    ids = list(range(4, 20))
-    per_rank = [
-        batch.microbatches(ids, dp_rank=r, dp_size=dp_size, tokens_per_microbatch=40, cp=1, pad_multiple=1)
-        for r in range(dp_size)
-    ]
-    assert len({len(rank) for rank in per_rank}) == 1
-    covered = sorted(i for rank in per_rank for mb in rank for i in mb.sample_ids if i >= 0)
-    assert covered == ids
-    for rank in per_rank:
-        for mb in rank:
-            assert mb.tokens.numel() <= 40
-            for i, length in zip(mb.sample_ids, mb.lengths, strict=True):
-                if i >= 0:
-                    assert length == len(batch.samples[i].token_ids)
+    shares = batch.shard(dp_size=dp_size, **SHARD)
+    assert [len(minibatch) for minibatch in batch.minibatches(8)] == [8, 8, 8]
+    for m, ids in enumerate(batch.minibatches(8)):
+        plan = plan_microbatches(
+            [len(batch.samples[i].token_ids) for i in ids], dp_size=dp_size, tokens_per_microbatch=40
+        )
+        assert len({len(rank) for rank in plan}) == 1  # the same schedule on every rank
+        for rank, share in enumerate(shares):
+            packed = share.microbatches(pad_multiple=1)[m]
+            expected = [pack(batch.samples, [ids[j] for j in group]) for group in plan[rank]]
+            assert len(packed) == len(expected)
+            for got, want in zip(packed, expected, strict=True):
+                assert torch.equal(got.tokens, want.tokens) and got.seq_lens == want.seq_lens
+                assert got.tokens.numel() <= 40
+    samples = [tuple(s.token_ids) for share in shares for s in share.data.samples]
+    assert sorted(samples) == sorted(tuple(s.token_ids) for s in batch.samples)
+
+
+def test_a_share_survives_its_wire_format_exactly():
+    batch = StepBatch.from_groups(random_groups(5, 4, seed=4), scale_by_std=True)
+    for share in batch.shard(
+        dp_size=2, samples_per_minibatch=10, tokens_per_microbatch=30, cp=1, pad_multiple=1
+    ):
+        header, buffer = encode(share)
+        assert buffer.dtype == torch.uint8 and buffer.numel() > 0
+        received = decode(header, buffer.clone())
+        assert received.plan == share.plan
+        got, sent = received.data, share.data
+        assert [tuple(s.token_ids.tolist()) for s in got.samples] == [
+            tuple(s.token_ids) for s in sent.samples
+        ]
+        assert [s.response_start for s in got.samples] == [s.response_start for s in sent.samples]
+        assert torch.equal(got.advantages, sent.advantages) and torch.equal(got.truncated, sent.truncated)
+        for a, b in zip(got.rollout_logprobs, sent.rollout_logprobs, strict=True):
+            assert torch.equal(a, b)
 
 
 class _Optimizer:

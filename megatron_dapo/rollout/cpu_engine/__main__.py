@@ -8,18 +8,20 @@ machine one decode step of the tests' tiny model took 6 ms with one thread and 3
 
 import argparse
 import contextlib
-import ipaddress
 import logging
+import os
 import random
+import sys
 
 import torch
 from aiohttp import web
 from transformers import GenerationConfig
 
 from megatron_dapo.data.tokenizer import load_tokenizer
+from megatron_dapo.rollout.api_key import API_KEY_ENV, api_key_from_env
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
-from megatron_dapo.rollout.cpu_engine.server import EngineServer
+from megatron_dapo.rollout.cpu_engine.server import EngineServer, ServerSettings, is_loopback
 from megatron_dapo.rollout.host_payload import DEFAULT_SHM_DIR
 
 logger = logging.getLogger("megatron_dapo.rollout.cpu_engine")
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-tokenizer-init", action="store_true", help="no tokenizer: outputs carry no text"
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="bind address; keep it local: any client can update the weights"
+        "--host", default="127.0.0.1", help="bind address; keep it local unless an API key is set"
     )
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1, help="must be 1 on CPU")
@@ -57,6 +59,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cast weight updates of another dtype to --dtype (default: refuse them)",
     )  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--api-key",
+        help=f"refuse requests without 'Authorization: Bearer KEY' (/health excepted), as SGLang does; "
+        f"default: ${API_KEY_ENV}, which keeps the key out of the process list",
+    )
+    parser.add_argument(
+        "--allow-auto-truncate", action="store_true",
+        help="SGLang's flag: cap max_new_tokens at the context length instead of refusing the request",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-request-mib", type=float, default=64, help="largest request body (MiB); larger ones get 413"
+    )
+    parser.add_argument(
+        "--max-sequences-per-request", type=int, default=1024, help="prompts x n of one /generate, at most"
+    )
+    parser.add_argument(
+        "--weight-group-timeout", type=float, default=60.0,
+        help="seconds each weight-update broadcast, and each try to reach the trainer's store, may wait "
+        "(torch tries twice: an unanswered join ends after about twice this)",
+    )  # fmt: skip
     # Accepted so that a command line written for sglang.launch_server also starts the CPU engine.
     parser.add_argument("--mem-fraction-static", type=float, help="no effect on CPU")
     parser.add_argument(
@@ -65,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tp_size != 1:
         parser.error(f"--tp-size {args.tp_size}: the CPU engine runs one process; use --tp-size 1")
+    for name in ("max_request_mib", "max_sequences_per_request", "weight_group_timeout"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+    args.api_key = args.api_key or api_key_from_env()
     if args.random_seed is None:
         args.random_seed = random.randrange(2**31)  # SGLang's default too: a random seed
     return args
@@ -91,11 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
     )
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         logger.warning(
-            "binding to %s: any client reaching this port can update the weights; never expose it",
+            "binding to %s: any client reaching this port can update the weights; never expose it%s",
             args.host,
+            "" if args.api_key else f" (and no API key is set: set {API_KEY_ENV})",
         )
+    elif sys.platform == "linux":  # the sockets of weight-update groups (gloo) stay on loopback too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     runner = ModelRunner(args.model_path, DTYPES[args.dtype], args.context_length, args.allow_weight_cast)
     tokenizer_path = None if args.skip_tokenizer_init else (args.tokenizer_path or args.model_path)
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -104,23 +133,24 @@ def main(argv: list[str] | None = None) -> None:
         eos_token_ids=eos_token_ids(args.model_path, runner.model.config, tokenizer),
         max_running_requests=args.max_running_requests,
         seed=args.random_seed,
+        allow_auto_truncate=args.allow_auto_truncate,
+    )
+    settings = ServerSettings(
+        host=args.host,
+        api_key=args.api_key,
+        max_request_bytes=int(args.max_request_mib * 2**20),
+        max_sequences_per_request=args.max_sequences_per_request,
+        weight_group_timeout_s=args.weight_group_timeout,
+        weight_shm_dir=args.weight_shm_dir,
     )
     server = EngineServer(
-        runner, scheduler, tokenizer, args.model_path, tokenizer_path, args.weight_version,
-        weight_shm_dir=args.weight_shm_dir,
-    )  # fmt: skip
+        runner, scheduler, tokenizer, args.model_path, tokenizer_path, args.weight_version, settings
+    )
     logger.info("CPU engine serving %s on http://%s:%d", args.model_path, args.host, args.port)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its sequences.
     web.run_app(
         server.app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True
     )
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 if __name__ == "__main__":

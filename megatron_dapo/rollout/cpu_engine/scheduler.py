@@ -6,6 +6,10 @@ forward passes come before any sequence finishes, so a failing step loses no fin
 side only queues sequences, flags aborts and resolves futures, so HTTP stays responsive while the model runs.
 Operations that change the model (weights, memory) run exclusively, like SGLang's model-update writer lock:
 new requests wait, and the operation starts once every queued and running sequence has ended.
+
+Failures stay with their request: input is validated before it is queued (sglang_protocol, and the context
+check here), and a prompt whose prefill fails fails its own request only. A failing batched decode fails every
+running sequence: nothing tells which row broke it.
 """
 
 import asyncio
@@ -13,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -47,6 +51,12 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens served from the prompt cache
     finish_reason: dict | None = None
     abort_requested: bool = False
+    error: Exception | None = None  # its own prefill failed: it alone fails, the batch goes on
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def finish_reason_after(
@@ -66,9 +76,15 @@ def finish_reason_after(
 
 class Scheduler:
     def __init__(
-        self, runner: ModelRunner, eos_token_ids: frozenset[int], max_running_requests: int, seed: int
+        self,
+        runner: ModelRunner,
+        eos_token_ids: frozenset[int],
+        max_running_requests: int,
+        seed: int,
+        allow_auto_truncate: bool = False,
     ):
         self.runner = runner
+        self.allow_auto_truncate = allow_auto_truncate
         self.eos_token_ids = eos_token_ids
         self.max_running_requests = max_running_requests
         self._seed = seed
@@ -90,24 +106,40 @@ class Scheduler:
         return len(self._waiting) + len(self._running)
 
     def _new_sequence(self, item: GenerateItem) -> Sequence:
-        prompt_length = len(item.input_ids)
-        if prompt_length >= self.runner.context_length:
-            raise ProtocolError(
-                "input_ids",
-                f"{prompt_length} prompt tokens leave no room in a context of {self.runner.context_length}",
-            )
-        room = self.runner.context_length - prompt_length
-        limit = item.sampling.max_new_tokens
+        item, max_new_tokens = self._fit_context(item)
         seed = item.sampling.sampling_seed
         if seed is None:  # reproducible from --random-seed and the order of arrival
             seed = self._seed + self._sequences_seen
         self._sequences_seen += 1
         return Sequence(
             item=item,
-            max_new_tokens=room if limit is None else min(limit, room),
+            max_new_tokens=max_new_tokens,
             generator=torch.Generator().manual_seed(seed % 2**63),
             done=asyncio.get_running_loop().create_future(),
         )
+
+    def _fit_context(self, item: GenerateItem) -> tuple[GenerateItem, int]:
+        """The item and its token budget, as SGLang's tokenizer manager checks them: prompt + max_new_tokens
+        must stay below the context length; with allow_auto_truncate the prompt is cut to the context and
+        max_new_tokens to what is left, else the request is refused. No max_new_tokens: up to the context."""
+        context, prompt_length = self.runner.context_length, len(item.input_ids)
+        if prompt_length >= context:
+            if not self.allow_auto_truncate:
+                raise ProtocolError(
+                    "input_ids", f"{prompt_length} prompt tokens do not fit the context length of {context}"
+                )
+            item, prompt_length = replace(item, input_ids=item.input_ids[:context]), context
+        room = context - prompt_length
+        limit = item.sampling.max_new_tokens
+        if limit is None:
+            return item, room
+        if limit + prompt_length >= context and not self.allow_auto_truncate:
+            raise ProtocolError(
+                "sampling_params.max_new_tokens",
+                f"{prompt_length} prompt tokens + {limit} new tokens reach the context length of {context}: "
+                "ask for fewer (SGLang refuses this too unless started with --allow-auto-truncate)",
+            )
+        return item, min(limit, room)
 
     async def generate(self, items: list[GenerateItem]) -> list[Sequence]:
         """Queue the sequences and wait for all of them; cancelling the wait aborts them."""
@@ -118,9 +150,10 @@ class Scheduler:
         self._work.set()
         try:
             await asyncio.gather(*(sequence.done for sequence in sequences))
-        except asyncio.CancelledError:  # the client went away: free the rows, as SGLang does on disconnect
+        except BaseException:  # the client went away, or a sequence failed: free the rows of the others
             for sequence in sequences:
                 sequence.abort_requested = True
+                sequence.done.add_done_callback(_consume)  # the first failure is reported; drop the rest
             raise
         return sequences
 
@@ -159,8 +192,12 @@ class Scheduler:
                 logger.exception("model step failed")
                 finished = self._fail_running(admitted, error)
             for sequence in finished:
-                if not sequence.done.done():
+                if sequence.done.done():
+                    continue
+                if sequence.error is None:
                     sequence.done.set_result(None)
+                else:
+                    sequence.done.set_exception(RuntimeError(f"the prefill failed: {sequence.error}"))
             if not self._waiting and not self._running:
                 self._work.clear()
                 self._idle.set()
@@ -224,14 +261,21 @@ class Scheduler:
         return finished
 
     def _admit(self, admitted: list[Sequence]) -> list[Sequence]:
-        """Prefill the admitted sequences into the batch; those with nothing to generate finish at once."""
+        """Prefill the admitted sequences into the batch; those with nothing to generate finish at once, and
+        those whose prefill fails leave with their error (the batch's cache is untouched until add_rows)."""
         finished, joining, prefills = [], [], []
         for sequence in admitted:
             if sequence.max_new_tokens == 0:
                 sequence.finish_reason = finish_length(0)
                 finished.append(sequence)
                 continue
-            prefill, cached = self.runner.prefill(sequence.item.input_ids)
+            try:
+                prefill, cached = self.runner.prefill(sequence.item.input_ids)
+            except Exception as error:  # nothing of this prompt entered the batch: fail it alone
+                logger.exception("prefill of %s failed", sequence.item.rid)
+                sequence.error = error
+                finished.append(sequence)
+                continue
             sequence.cached_tokens = len(sequence.item.input_ids) if cached else 0
             joining.append(sequence)
             prefills.append(prefill)

@@ -2,29 +2,52 @@
 
 Answers as SGLang does: /generate returns one output dict for one prompt and sample, else a list; failures of
 weight updates answer {"success": false, "message"} with status 400; a malformed body answers 400 with
-{"error": {"message"}} naming the field.
+{"error": {"message"}} naming the field; with an API key, a request without it answers 401 (rollout/api_key).
+
+What it trusts: only clients holding the key (when one is set) on the address it serves on. A weight-update
+group is joined only at that address, as a non-zero rank (the trainer, rank 0, hosts the store), within
+`ServerSettings.weight_group_timeout_s`, off the model thread: generation goes on while a join waits.
+Weight payloads are never unpickled: /update_weights_from_tensor reads only a segment of the checked name,
+owner and size in `ServerSettings.weight_shm_dir` (rollout/host_payload.py), and never writes or removes it.
 """
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from aiohttp import web
 
 from megatron_dapo.rollout import sglang_protocol as protocol
+from megatron_dapo.rollout.api_key import is_authorized, needs_key
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler, Sequence
 from megatron_dapo.rollout.host_payload import DEFAULT_SHM_DIR, parse_host_payload, read_host_payload
 from megatron_dapo.rollout.weight_payload import concat_bytes_size, init_weight_update_group, split_bytes
 
 logger = logging.getLogger(__name__)
-# How long joining a weight-update group waits for the trainer; the model thread is blocked meanwhile.
-WEIGHT_GROUP_JOIN_TIMEOUT = timedelta(minutes=10)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the server accepts; the defaults are those of `python -m megatron_dapo.rollout.cpu_engine`."""
+
+    host: str = "127.0.0.1"  # the address served on: weight-update groups are joined there only
+    api_key: str | None = None  # None: no authentication (bind to 127.0.0.1 then)
+    max_request_bytes: int = 64 << 20  # a 20k-token prompt is ~150 KB of JSON; weight payloads are headers
+    max_sequences_per_request: int = 1024  # prompts x n of one /generate
+    # Each broadcast, and each of torch's two tries to reach the store, waits this long at most.
+    weight_group_timeout_s: float = 60.0
+    weight_shm_dir: str = DEFAULT_SHM_DIR  # where /update_weights_from_tensor's segments are read
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -40,21 +63,23 @@ class EngineServer:
         model_path: str,
         tokenizer_path: str | None,
         weight_version: str,
-        weight_shm_dir: str = DEFAULT_SHM_DIR,
+        settings: ServerSettings = ServerSettings(),
     ):
+        self.settings = settings
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer  # None with --skip-tokenizer-init: outputs then carry no "text"
         self.model_path = model_path
         self.tokenizer_path = tokenizer_path
         self.weight_version = weight_version
-        self.weight_shm_dir = weight_shm_dir  # where /update_weights_from_tensor's segments are read
         self._released_tags: set[str] = set()
         self._groups: dict[str, dist.ProcessGroup] = {}  # weight-update groups by name (one per PP stage)
+        self._joining: set[str] = set()  # groups whose join is under way
         self._loop_task: asyncio.Task | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30)  # payloads are small handles, but allow large JSON
+        middlewares = [_api_key_middleware(self.settings.api_key)] if self.settings.api_key else []
+        app = web.Application(client_max_size=self.settings.max_request_bytes, middlewares=middlewares)
         app.router.add_route("POST", protocol.GENERATE, self.generate)
         app.router.add_route("PUT", protocol.GENERATE, self.generate)
         app.router.add_get(protocol.HEALTH, self.health)
@@ -85,7 +110,9 @@ class EngineServer:
 
     async def generate(self, request: web.Request) -> web.Response:
         try:
-            items, single = protocol.parse_generate_request(await _read_json(request), self.runner.vocab_size)
+            items, single = protocol.parse_generate_request(
+                await _read_json(request), self.runner.vocab_size, self.settings.max_sequences_per_request
+            )
             if self._released_tags:
                 raise protocol.ProtocolError(
                     "memory",
@@ -207,41 +234,65 @@ class EngineServer:
         except protocol.ProtocolError as error:
             return web.json_response(protocol.success_body(False, str(error)), status=400)
         return await self._update_weights(
-            lambda: read_host_payload(payload, self.weight_shm_dir),
+            lambda: read_host_payload(payload, self.settings.weight_shm_dir),
             update.abort_all_requests,
             update.weight_version,
         )
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         """Join the trainer's named group as rank `rank_offset`, as an SGLang server of TP size 1 joins it
-        (gloo: there is no NCCL on CPU). Several groups may be held at once, one per name."""
+        (gloo: there is no NCCL on CPU). Several groups may be held at once, one per name. The join waits
+        for the trainer on a thread of its own, bounded by the settings' timeout: generation goes on."""
         try:
             init = protocol.parse_init_weights_update_group(await _read_json(request))
-            if init.backend != "gloo":
-                raise protocol.ProtocolError(
-                    "backend", f"{init.backend!r} needs GPUs; the CPU engine joins with 'gloo'"
-                )
-            if init.group_name in self._groups:
-                raise protocol.ProtocolError(
-                    "group_name", f"group {init.group_name!r} exists: destroy it first"
-                )
+            self._check_join(init)
         except protocol.ProtocolError as error:
             return web.json_response(protocol.success_body(False, str(error)), status=400)
-
-        def join() -> str:
-            # Blocks until every rank has joined: it runs on the model thread, exclusively.
-            self._groups[init.group_name] = init_weight_update_group(
-                backend="gloo",
-                master_address=init.master_address,
-                master_port=init.master_port,
-                world_size=init.world_size,
-                rank=init.rank_offset,
-                group_name=init.group_name,
-                timeout=WEIGHT_GROUP_JOIN_TIMEOUT,
+        timeout = timedelta(seconds=self.settings.weight_group_timeout_s)
+        self._joining.add(init.group_name)
+        try:
+            group = await _in_daemon_thread(
+                lambda: init_weight_update_group(
+                    backend="gloo",
+                    master_address=init.master_address,
+                    master_port=init.master_port,
+                    world_size=init.world_size,
+                    rank=init.rank_offset,
+                    group_name=init.group_name,
+                    timeout=timeout,
+                ),
+                on_abandoned=dist.destroy_process_group,
             )
-            return f"Joined {init.group_name} as rank {init.rank_offset}."
+        except Exception as error:  # a refused connection, a timeout: report it, keep serving
+            message = f"joining {init.group_name!r} failed: {type(error).__name__}: {error}"
+            return web.json_response(protocol.success_body(False, message), status=400)
+        finally:
+            self._joining.discard(init.group_name)
+        self._groups[init.group_name] = group
+        message = f"Joined {init.group_name} as rank {init.rank_offset}."
+        logger.info(message)
+        return web.json_response(protocol.success_body(True, message))
 
-        return await self._control(join)
+    def _check_join(self, init: protocol.InitWeightsUpdateGroup) -> None:
+        """Refuse a join that would open a store (rank 0 hosts it) or reach beyond the served address."""
+        if init.backend != "gloo":
+            raise protocol.ProtocolError(
+                "backend", f"{init.backend!r} needs GPUs; the CPU engine joins with 'gloo'"
+            )
+        if init.group_name in self._groups or init.group_name in self._joining:
+            raise protocol.ProtocolError("group_name", f"group {init.group_name!r} exists: destroy it first")
+        if not 1 <= init.rank_offset < init.world_size:
+            raise protocol.ProtocolError(
+                "rank_offset",
+                f"{init.rank_offset} not in [1, world_size={init.world_size}): rank 0 is the trainer, which "
+                "hosts the group's store; the engine never opens one",
+            )
+        if not _same_address(init.master_address, self.settings.host):
+            raise protocol.ProtocolError(
+                "master_address",
+                f"{init.master_address!r}: the engine joins groups only at the address it serves on "
+                f"({self.settings.host}); start the trainer's store there",
+            )
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         try:
@@ -306,6 +357,73 @@ async def _read_json(request: web.Request) -> Any:
         return await request.json()
     except ValueError as error:
         raise protocol.ProtocolError("body", f"not JSON: {error}") from error
+    except RecursionError as error:  # json.loads recurses once per nesting level
+        raise protocol.ProtocolError("body", "JSON nested too deeply") from error
+
+
+def _api_key_middleware(api_key: str) -> Callable:
+    """Refuse, with SGLang's 401, every request to a protected route without `Authorization: Bearer <key>`."""
+
+    @web.middleware
+    async def check_api_key(request: web.Request, handler: Callable) -> web.StreamResponse:
+        if (
+            request.method == "OPTIONS"
+            or not needs_key(request.path)
+            or is_authorized(request.headers.get("Authorization"), api_key)
+        ):
+            return await handler(request)
+        return web.json_response({"error": "Unauthorized"}, status=401)
+
+    return check_api_key
+
+
+def _same_address(address: str, host: str) -> bool:
+    """Whether `address` names the served address: the same literal or IP, or loopback for a loopback host
+    (never a lookup of a name the client chose). A server on all interfaces (0.0.0.0) joins on loopback."""
+    if address == host:
+        return True
+    return is_loopback(address) and (is_loopback(host) or _is_unspecified(host))
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def _is_unspecified(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
+
+
+async def _in_daemon_thread(function: Callable[[], T], on_abandoned: Callable[[T], Any]) -> T:
+    """Run a blocking call on a daemon thread (a stuck call never holds up the exit) and await its result;
+    a result that arrives after the caller went away goes to `on_abandoned`."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def deliver(result: T | None, error: BaseException | None) -> None:
+        if future.cancelled():
+            if error is None:
+                on_abandoned(result)
+        elif error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome = (function(), None)
+        except BaseException as error:  # handed to the awaiting coroutine, which reports it
+            outcome = (None, error)
+        with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile: the server is gone
+            loop.call_soon_threadsafe(deliver, *outcome)
+
+    threading.Thread(target=run, name="cpu-engine-group-join", daemon=True).start()
+    return await future
 
 
 async def _optional_json(request: web.Request) -> Any:
