@@ -134,6 +134,11 @@ class CheckpointConfig:
     save_every_steps: int = 10
     keep_last: int = 2  # older complete checkpoints are deleted; 0 keeps all
     resume: bool = True
+    # A checkpoint whose files no longer match their checksums stops the run, naming the file: corruption
+    # means failing storage or a stray writer, which a person should see before steps are silently redone.
+    # true: resume from the newest intact checkpoint instead (a warning names the file; the corrupt one is
+    # renamed step_N.corrupt-*), e.g. for unattended requeued jobs.
+    resume_fallback: bool = False
 
 
 @dataclass

@@ -30,13 +30,21 @@ import sys
 from collections.abc import Sequence
 
 from megatron_dapo.algo import DynamicSamplingError
+from megatron_dapo.checkpoint.manifest import CorruptCheckpointError
 from megatron_dapo.config import ConfigError, load_config
 from megatron_dapo.data.dataset import BadDataError
 from megatron_dapo.rollout.launcher import ServerStartError
 from megatron_dapo.trainer.loop import Trainer
 
 # Reported as one line saying what to change, rather than as a traceback.
-USER_ERRORS = (ConfigError, BadDataError, DynamicSamplingError, FileNotFoundError, ServerStartError)
+USER_ERRORS = (
+    ConfigError,
+    BadDataError,
+    DynamicSamplingError,
+    FileNotFoundError,
+    ServerStartError,
+    CorruptCheckpointError,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -1,20 +1,24 @@
 """The RL half of a checkpoint, and the atomic directory protocol the whole checkpoint is written under.
 
 Layout: `ROOT/step_{N:08d}/` holds the model and optimizer (checkpoint/model_io.py), `rl_state/` (this
-module) and a `COMPLETE` marker. A save writes into `ROOT/step_{N:08d}.tmp-<uuid>/` and becomes visible only
-by a rename at the very end, so a crash at any moment leaves the previous checkpoint as the latest complete
-one; the abandoned temporary directory is never read and is deleted by a later `prune`.
+module), the checksums of all those files (checkpoint/manifest.py) and a `COMPLETE` marker. A save writes
+into `ROOT/step_{N:08d}.tmp-<uuid>/` and becomes visible only by a rename at the very end, so a crash at any
+moment leaves the previous checkpoint as the latest complete one; the abandoned temporary directory is never
+read and is deleted by the next run's `remove_abandoned_saves` (or a later `prune`).
 
 Who calls what (the caller owns the barriers and the broadcast; nothing here touches a process group):
 
+    rank 0, at start: remove_abandoned_saves(root)
     tmp = begin_save(root, step) on rank 0, broadcast to all ranks
     every rank: write the model and optimizer into tmp, then save_rl_state(tmp, state, rank=rank)
     barrier                                   # every rank's files are closed
-    rank 0: finish_save(tmp); prune(root, keep_last)
+    (optionally each rank checksums a share of manifest.checkpoint_files(tmp), gathered on rank 0)
+    rank 0: finish_save(tmp, checksums); prune(root, keep_last)
     barrier                                   # no rank moves on before the checkpoint exists
 
-Resume: `latest_complete(root)` (any rank; all see the same directory), then `load_rl_state(ckpt, rank=rank)`
-on every rank.
+Resume: `latest_complete(root)` (any rank; all see the same directory), its files checked against
+`manifest.read_manifest` (set a corrupt one aside with `set_aside` to fall back to the one before), then
+`load_rl_state(ckpt, rank=rank)` on every rank.
 """
 
 import os
@@ -30,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from megatron_dapo.checkpoint.manifest import Entry, checkpoint_files, describe, write_manifest
 
 COMPLETE = "COMPLETE"
 RL_STATE_DIR = "rl_state"
@@ -59,11 +65,12 @@ def begin_save(root: Path, step: int) -> Path:
     return tmp
 
 
-def finish_save(tmp: Path) -> Path:
+def finish_save(tmp: Path, checksums: dict[str, Entry] | None = None) -> Path:
     """Rank 0, after every rank has written: make `tmp` the complete checkpoint; returns its final path.
+    `checksums` (manifest.describe of every file, e.g. hashed by all ranks) are computed here when None.
 
-    Order matters for a crash at any point: the files reach the disk, then the COMPLETE marker, then the
-    rename publishes the directory, then the root's entry for it reaches the disk.
+    Order matters for a crash at any point: the files reach the disk, then their checksums, then the
+    COMPLETE marker, then the rename publishes the directory, then the root's entry for it reaches the disk.
     """
     tmp = Path(tmp)
     match = _TEMP.fullmatch(tmp.name)
@@ -76,6 +83,9 @@ def finish_save(tmp: Path) -> Path:
     # the rename could leave a "complete" checkpoint with empty files.
     for path in tmp.rglob("*"):
         _fsync(path)
+    if checksums is None:
+        checksums = describe(tmp, checkpoint_files(tmp))
+    _fsync(write_manifest(tmp, checksums))
     marker = tmp / COMPLETE
     marker.write_text(f"{int(match.group(1))}\n")
     _fsync(marker)
@@ -135,6 +145,29 @@ def prune(root: Path, keep_last: int, *, stale_after_s: float = 3600.0) -> list[
     for path in doomed:
         shutil.rmtree(path)
     return doomed
+
+
+def remove_abandoned_saves(root: Path) -> list[Path]:
+    """Rank 0, when a run starts (before any save): delete the temporary directories that killed saves left
+    in `root`, only those named as begin_save names them; returns them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    abandoned = sorted(
+        p for p in root.iterdir() if _TEMP.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    )
+    for path in abandoned:
+        shutil.rmtree(path)
+    return abandoned
+
+
+def set_aside(ckpt_dir: Path) -> Path:
+    """Rank 0: rename a corrupt checkpoint so that it is no longer complete (the run resumes from the one
+    before and can save its step again) but stays on disk for inspection; returns the new path."""
+    ckpt_dir = Path(ckpt_dir)
+    target = ckpt_dir.with_name(f"{ckpt_dir.name}.corrupt-{uuid.uuid4().hex[:8]}")
+    ckpt_dir.rename(target)
+    return target
 
 
 def _idle_s(directory: Path) -> float:

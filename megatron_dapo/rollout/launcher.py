@@ -2,7 +2,8 @@
 
 Each server runs in a process session of its own, so stopping it stops the processes it spawned (SGLang's
 scheduler and detokenizer) through its process group, never by name. A restarted server holds the weights it
-was launched with: the trainer must push its current weights again before using it.
+was launched with: the trainer must push its current weights again before using it. A server also ends when
+the process that launched it dies, even by SIGKILL (see `_parent_death_signal`).
 
 A pool's servers share one API key (rollout/api_key.py): the one given, else $DAPO_API_KEY, else a new one.
 Each server finds it in its environment as DAPO_API_KEY (where the CPU engine reads it, out of the process
@@ -11,12 +12,13 @@ list); SGLang, which reads only its flag, also gets `--api-key`. Clients take `p
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
@@ -29,6 +31,7 @@ SGLANG_MODULE = "sglang.launch_server"
 CPU_ENGINE_MODULE = "megatron_dapo.rollout.cpu_engine"
 ROUTER_MODULE = "sglang_router.launch_router"
 HEALTH_ROUTE = "/health"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class ServerStartError(RuntimeError):
@@ -74,6 +77,8 @@ class ServerSpec:
             command += ["--random-seed", str(self.random_seed)]
         if self.api_key and self.engine == "sglang":
             command += ["--api-key", self.api_key]
+        if self.engine == "cpu":
+            command += ["--parent-pid", str(os.getpid())]  # the engine exits when this process dies
         return command + list(self.extra_args)
 
 
@@ -135,6 +140,7 @@ class ManagedServer:
                 stderr=subprocess.STDOUT if log else None,
                 env={**os.environ, **self.spec.env, **({API_KEY_ENV: self.api_key} if self.api_key else {})},
                 start_new_session=True,  # its own process group, for stop()
+                preexec_fn=_parent_death_signal(),
             )
         finally:
             if log:
@@ -182,6 +188,29 @@ class ManagedServer:
         if not self.spec.log_file or not Path(self.spec.log_file).exists():
             return ""
         return "; log tail:\n" + Path(self.spec.log_file).read_text(errors="replace")[-chars:]
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """Linux: a preexec_fn making the kernel send SIGTERM to the server when its parent dies, even by SIGKILL
+    (SIGTERM lets it end its own children: SGLang kills its process tree, the CPU engine its descendants).
+
+    The kernel sends it when the *thread* that started the server exits, not the process. That is safe for
+    how servers are started: from the thread that runs the event loop owning their ServerPool (the trainer's
+    BackgroundLoop, the asyncio.run of dapo-eval and the tests), which stops its servers before that loop
+    ends (EngineConnection.close stops the pool, then the loop). Do not start servers from a short-lived
+    thread. Everything the child runs is prepared here, before the fork: the child only calls two functions.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent, request, sigterm = os.getpid(), PR_SET_PDEATHSIG, int(signal.SIGTERM)
+
+    def request_signal() -> None:
+        prctl(request, sigterm)
+        if os.getppid() != parent:  # the parent died before the request: no signal will ever come
+            os._exit(1)
+
+    return request_signal
 
 
 async def _answers_health(session: aiohttp.ClientSession, url: str, timeout_s: float) -> bool:

@@ -1,12 +1,15 @@
-"""What the rollout tests share: a tiny random Hugging Face model, and the log-probs an engine must return.
+"""What the rollout tests share: a tiny random Hugging Face model, the log-probs an engine must return, and a
+wait for processes to end.
 
 Used by the CPU-engine tests (tests/e2e), by the same checks against real SGLang servers (tests/gpu), and by
 any test that needs a small HF checkpoint to serve.
 """
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
@@ -55,3 +58,19 @@ def reference_logprobs(
     logits = model(input_ids=tokens).logits[0, len(prompt) - 1 : -1].double()
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     return logprobs.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1).tolist()
+
+
+def wait_until_gone(processes: Sequence[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of `processes` still running after `timeout_s` (none: all ended). A zombie counts as ended: an
+    orphan's exit status waits for a reaper that a container's init may never be."""
+    deadline = time.monotonic() + timeout_s
+    while (running := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -37,7 +37,12 @@ from megatron_dapo.rollout.weight_sync import (
     sync_weights,
 )
 from megatron_dapo.trainer.batch import RankBatch, StepBatch
-from megatron_dapo.trainer.checkpointing import load_optimizer, optimizer_metadata, save_checkpoint
+from megatron_dapo.trainer.checkpointing import (
+    load_optimizer,
+    optimizer_metadata,
+    resume_point,
+    save_checkpoint,
+)
 from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts
 from megatron_dapo.trainer.distribute import distribute_batch
 from megatron_dapo.trainer.engine import EngineConnection
@@ -247,13 +252,14 @@ class Trainer:
         self.hf_config = read_config(Path(cfg.model.hf_path))
         if self.rank == 0:
             self._load_data()  # first: a bad row is reported before the model is built or a server started
-        resume_from = latest_complete(self.checkpoint_root)
-        if resume_from is not None and not cfg.checkpoint.resume:
+        latest = latest_complete(self.checkpoint_root)
+        if latest is not None and not cfg.checkpoint.resume:
             raise ConfigError(
                 f"checkpoint.resume=false but {self.checkpoint_root} holds checkpoints (the latest: "
-                f"{resume_from.name}): set checkpoint.resume=true to continue that run, or give this one "
+                f"{latest.name}): set checkpoint.resume=true to continue that run, or give this one "
                 "another logging.dir"
             )
+        resume_from = resume_point(self.checkpoint_root, fallback=cfg.checkpoint.resume_fallback)
         initial = resume_from or (Path(cfg.model.load) if cfg.model.load else None)
         self.policy = build_policy(cfg, self.hf_config, self.pg, weights=initial)
         self.step = 0

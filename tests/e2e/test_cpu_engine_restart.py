@@ -1,15 +1,20 @@
-"""A killed CPU engine: its samples move to the other server, and the pool detects and restarts it."""
+"""A killed CPU engine: its samples move to the other server, and the pool detects and restarts it. A killed
+trainer: the engine it launched, and every process it left behind, end with it."""
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 
+import psutil
 import pytest
 
 from megatron_dapo.rollout.engine import EngineUnavailableError
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import RetryPolicy, SGLangClient
-from megatron_dapo.rollout.testing import save_tiny_qwen2
+from megatron_dapo.rollout.testing import save_tiny_qwen2, wait_until_gone
 from megatron_dapo.rollout.types import FinishReason, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -19,8 +24,12 @@ RETRY = RetryPolicy(max_retries=2, backoff_s=0.1)
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    model_dir = save_tiny_qwen2(tmp_path_factory.mktemp("model"), max_position_embeddings=CONTEXT_TOKENS)
+def model_dir(tmp_path_factory):
+    return save_tiny_qwen2(tmp_path_factory.mktemp("model"), max_position_embeddings=CONTEXT_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def pool(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     specs = [
         ServerSpec(
@@ -67,3 +76,47 @@ def test_killed_server_is_detected_and_restarted(pool):
                 await client.generate([1], SamplingParams(max_new_tokens=2))
 
     asyncio.run(scenario())
+
+
+# A trainer stand-in: launches a CPU engine as the trainer does (ServerPool on a BackgroundLoop), pushes
+# weights through shared memory (which starts a torch_shm_manager the engine then holds on to), prints the
+# engine's pid and waits to be killed.
+TRAINER = """
+import sys, threading
+from transformers import AutoModelForCausalLM
+from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
+from megatron_dapo.rollout.sglang_client import SGLangClient
+from megatron_dapo.rollout.weight_payload import serialize_named_tensors
+from megatron_dapo.rollout.weight_sync import BackgroundLoop
+
+model_dir, log_file = sys.argv[1:]
+spec = ServerSpec(model_dir, free_port(), engine="cpu", log_file=log_file, env={"OMP_NUM_THREADS": "1"})
+pool, loop = ServerPool([spec], start_timeout_s=180), BackgroundLoop()
+loop.run(pool.start())
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+named = [(name, p.detach().clone()) for name, p in model.named_parameters()]
+
+async def push():
+    async with SGLangClient(pool.urls) as client:
+        await client.update_weights_from_tensor([serialize_named_tensors(named)], weight_version=1)
+
+loop.run(push())
+print(pool.servers[0].process.pid, flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_killed_trainer_leaves_no_process_behind(model_dir, tmp_path):
+    command = [sys.executable, "-c", TRAINER, str(model_dir), str(tmp_path / "engine.log")]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as trainer:
+        engine = psutil.Process(int(trainer.stdout.readline()))
+        left = psutil.Process(trainer.pid).children(recursive=True)  # the engine, its children, shm manager
+        assert engine in left and engine.status() != psutil.STATUS_ZOMBIE
+        trainer.kill()  # SIGKILL: nothing of the trainer's own clean-up runs
+    try:
+        running = wait_until_gone(left, timeout_s=30)
+        assert running == [], [(p.pid, p.name()) for p in running]
+    finally:
+        for process in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()

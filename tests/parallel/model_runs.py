@@ -26,7 +26,12 @@ from megatron_dapo.model.logprobs import logprobs_from_logits
 from megatron_dapo.model.policy import TokenDistribution, unwrap
 from megatron_dapo.model.training import setup_training
 from megatron_dapo.parallel.state import ParallelDims, init_parallel
-from megatron_dapo.trainer.checkpointing import load_optimizer, optimizer_metadata, save_checkpoint
+from megatron_dapo.trainer.checkpointing import (
+    load_optimizer,
+    optimizer_metadata,
+    resume_point,
+    save_checkpoint,
+)
 from megatron_dapo.trainer.policy import Policy, build_policy, parallel_dims
 from megatron_dapo.trainer.train_step import forward_logprobs, train_step
 
@@ -149,6 +154,7 @@ def resume_run(spec: RunSpec, dtype: str, ckpt_root: Path) -> dict:
         extra={"optimizer_metadata": optimizer_metadata()},
     )
     ckpt = save_checkpoint(ckpt_root, 2, policy, state, hf_dir=spec.hf_dir, keep_last=0)
+    assert resume_point(ckpt_root, fallback=False) == ckpt  # every rank's files match their checksums
     for _ in range(2):
         rollout_step(policy)
 

@@ -1,5 +1,9 @@
-"""The atomic checkpoint directory protocol and the RL state's exact round trip (RNG included)."""
+"""The atomic checkpoint directory protocol, its checksums checked at resume, and the RL state's exact round
+trip (RNG included)."""
 
+import hashlib
+import json
+import logging
 import os
 import random
 import time
@@ -8,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_dapo.algo.sampling import DynamicSampler
+from megatron_dapo.checkpoint.manifest import MANIFEST, CorruptCheckpointError
 from megatron_dapo.checkpoint.rl_state import (
     COMPLETE,
     RLState,
@@ -23,7 +29,11 @@ from megatron_dapo.checkpoint.rl_state import (
     save_rl_state,
     step_dir,
 )
+from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.types import Completion, FinishReason
+from megatron_dapo.trainer.checkpointing import resume_point
+
+MODEL_FILE = "model.bin"  # stands in for model_io's files
 
 
 def _draws() -> tuple:
@@ -55,8 +65,9 @@ def _state(step: int) -> RLState:
 def _save(root: Path, step: int, *, crash_before_publish: bool = False) -> Path:
     """The protocol as one rank runs it; a crash leaves the temporary directory behind."""
     tmp = begin_save(root, step)
-    (tmp / "model.bin").write_bytes(os.urandom(64))  # stands in for model_io's files
+    (tmp / MODEL_FILE).write_bytes(os.urandom(random.randrange(300_000, 400_000)))
     save_rl_state(tmp, _state(step), rank=0)
+    save_rl_state(tmp, _state(step), rank=1)  # every rank writes files of its own
     if crash_before_publish:
         return tmp
     return finish_save(tmp)
@@ -102,7 +113,7 @@ def test_rng_is_per_rank(tmp_path):
 def test_finish_save_publishes_a_complete_checkpoint(tmp_path):
     final = _save(tmp_path, 10)
     assert final == step_dir(tmp_path, 10) == tmp_path / "step_00000010"
-    assert (final / COMPLETE).is_file() and (final / "model.bin").is_file()
+    assert (final / COMPLETE).is_file() and (final / MODEL_FILE).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000010"]  # no temporary directory left
     assert latest_complete(tmp_path) == final and checkpoint_step(final) == 10
     assert load_rl_state(final, rank=0).step == 10
@@ -152,3 +163,119 @@ def test_finish_save_refuses_to_overwrite_or_publish_a_foreign_directory(tmp_pat
         finish_save(tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="not a complete RL checkpoint"):
         load_rl_state(tmp_path / "elsewhere", rank=0)
+
+
+# ---------------------------------------------------------------- checksums, checked at resume
+
+
+@pytest.fixture(scope="module")
+def world():
+    """resume_point is collective: a one-rank gloo group (tests/parallel checks two ranks)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_manifest_holds_size_and_sha256_of_every_file(tmp_path):
+    final = _save(tmp_path, 10)
+    files = json.loads((final / MANIFEST).read_text())["files"]
+    on_disk = {
+        p.relative_to(final).as_posix(): p for p in final.rglob("*") if p.is_file() and p.name != MANIFEST
+    }
+    assert set(files) == set(on_disk) - {COMPLETE}
+    assert {MODEL_FILE, "rl_state/state.pt", "rl_state/rng_rank00000.pt", "rl_state/rng_rank00001.pt"} <= set(
+        files
+    )
+    for name, entry in files.items():
+        data = on_disk[name].read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def _overwrite_with_ff(path: Path) -> None:
+    """100 KB of 0xFF (half of a smaller file) at a random offset, as a bad disk or a stray writer leaves."""
+    length = min(100_000, path.stat().st_size // 2)
+    with path.open("r+b") as file:
+        file.seek(random.randrange(path.stat().st_size - length))
+        file.write(b"\xff" * length)
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, random.randrange(path.stat().st_size))
+
+
+DAMAGE = {
+    "0xFF": (_overwrite_with_ff, "does not match its sha256"),
+    "truncated": (_truncate, "truncated"),
+    "deleted": (Path.unlink, "is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("name", [MODEL_FILE, "rl_state/rng_rank00001.pt"])
+def test_a_damaged_file_stops_the_resume_naming_it(world, tmp_path, damage, name):
+    _save(tmp_path, 10)
+    newest = _save(tmp_path, 20)
+    assert resume_point(tmp_path, fallback=False) == newest  # intact: no complaint
+    harm, message = DAMAGE[damage]
+    harm(newest / name)
+    with pytest.raises(CorruptCheckpointError, match=rf"{newest / name} .*{message}.*resume_fallback=true"):
+        resume_point(tmp_path, fallback=False)
+    assert complete_checkpoints(tmp_path) == [step_dir(tmp_path, 10), newest]  # nothing moved or deleted
+
+
+def test_with_fallback_the_run_resumes_from_the_previous_checkpoint(world, tmp_path, caplog):
+    previous = _save(tmp_path, 10)
+    newest = _save(tmp_path, 20)
+    _overwrite_with_ff(newest / MODEL_FILE)
+    with caplog.at_level(logging.WARNING):
+        assert resume_point(tmp_path, fallback=True) == previous
+    assert (
+        f"{newest / MODEL_FILE} does not match" in caplog.text
+        and "resuming from step_00000010" in caplog.text
+    )
+    [aside] = tmp_path.glob("step_00000020.corrupt-*")  # kept for inspection, no longer complete
+    assert (aside / MODEL_FILE).is_file() and latest_complete(tmp_path) == previous
+    assert load_rl_state(previous, rank=0).step == 10
+    assert _save(tmp_path, 20) == newest  # the resumed run can save step 20 again
+
+
+def test_fallback_never_starts_afresh_when_no_checkpoint_is_intact(world, tmp_path):
+    for step in (10, 20):
+        _truncate(_save(tmp_path, step) / MODEL_FILE)
+    with pytest.raises(CorruptCheckpointError, match=r"no intact checkpoint.*step_00000020.*step_00000010"):
+        resume_point(tmp_path, fallback=True)
+    assert len(complete_checkpoints(tmp_path)) == 2  # nothing renamed
+
+
+def test_a_checkpoint_from_before_checksums_loads_with_a_warning(world, tmp_path, caplog):
+    old = _save(tmp_path, 10)
+    (old / MANIFEST).unlink()
+    with caplog.at_level(logging.WARNING):
+        assert resume_point(tmp_path, fallback=False) == old
+    assert f"{old} has no checksums" in caplog.text
+    assert load_rl_state(old, rank=0).step == 10
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"algorithm": "sha256", "files": {"../x": {}}}', "[]"])
+def test_a_damaged_manifest_is_named(world, tmp_path, content):
+    final = _save(tmp_path, 10)
+    (final / MANIFEST).write_text(content)
+    with pytest.raises(CorruptCheckpointError, match=rf"{final / MANIFEST} is unreadable"):
+        resume_point(tmp_path, fallback=False)
+
+
+def test_a_start_removes_the_temporary_directories_of_killed_saves_and_nothing_else(world, tmp_path):
+    root = tmp_path / "checkpoints"
+    newest = _save(root, 10)
+    killed = [_save(root, step, crash_before_publish=True) for step in (10, 20)]  # older and newer steps
+    kept = [root / "step_00000020.tmp-notes", root / "notes.tmp-abc", root / "step_00000030"]
+    for path in kept:
+        path.mkdir()
+    (root / "step_00000040.tmp-abc").write_text("a file, not a save")
+    outside = begin_save(tmp_path, 20)  # same name pattern, but not in the checkpoint directory
+    assert all(path.is_dir() for path in killed)
+
+    assert resume_point(root, fallback=False) == newest
+    assert not any(path.exists() for path in killed)
+    assert all(path.is_dir() for path in kept) and outside.is_dir()
+    assert (root / "step_00000040.tmp-abc").is_file() and load_rl_state(newest, rank=0).step == 10

@@ -1,14 +1,17 @@
 """Server command lines, and the process handling of the launcher on a stand-in server (no model)."""
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
+import psutil
 import pytest
 
 from megatron_dapo.rollout.api_key import API_KEY_ENV, new_api_key
@@ -20,6 +23,7 @@ from megatron_dapo.rollout.launcher import (
     ServerStartError,
     free_port,
 )
+from megatron_dapo.rollout.testing import wait_until_gone
 
 # A server that only answers /health: what the launcher needs to see.
 HEALTH_ONLY_SERVER = (
@@ -52,6 +56,7 @@ def test_cpu_engine_command_line():
     spec = ServerSpec(model_path="/tmp/tiny", port=31000, engine="cpu", random_seed=1)
     assert spec.command()[:3] == [sys.executable, "-m", "megatron_dapo.rollout.cpu_engine"]
     assert "--random-seed" in spec.command() and "--base-gpu-id" not in spec.command()
+    assert spec.command()[-2:] == ["--parent-pid", str(os.getpid())]  # it exits when this process dies
     with pytest.raises(ValueError, match="base_gpu_id"):
         ServerSpec(model_path="/tmp/tiny", port=1, engine="cpu", base_gpu_id=0).command()
 
@@ -148,3 +153,84 @@ def test_the_key_is_a_flag_for_sglang_only_and_never_in_a_spec_repr():
     assert key not in " ".join(cpu.command())  # the CPU engine reads DAPO_API_KEY: not in the process list
     assert all(server.api_key == key for server in pool.servers)
     assert key not in repr(sglang) + repr(cpu)
+
+
+# A trainer stand-in: starts the server on a thread that lives on (the trainer's event loop thread), prints
+# the server's pid, and waits to be killed.
+LAUNCHING_PARENT = """
+import asyncio, sys, threading
+from megatron_dapo.rollout.launcher import ManagedServer
+
+class Spec:
+    url, log_file, env = f"http://127.0.0.1:{sys.argv[1]}", sys.argv[3], {}
+    def command(self):
+        return [sys.executable, "-c", sys.argv[2], sys.argv[1]]
+
+def launch():
+    server = ManagedServer(Spec())
+    server.start()
+    asyncio.run(server.wait_until_healthy(60))
+    print(server.process.pid, flush=True)
+    threading.Event().wait()
+
+threading.Thread(target=launch).start()
+"""
+
+
+def test_a_server_dies_with_the_process_that_launched_it(tmp_path):
+    """The stand-in server watches nothing: only the parent-death signal the launcher requested can end it."""
+    command = [
+        sys.executable,
+        "-c",
+        LAUNCHING_PARENT,
+        str(free_port()),
+        HEALTH_ONLY_SERVER,
+        str(tmp_path / "log"),
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as parent:
+        server = psutil.Process(int(parent.stdout.readline()))
+        assert server.ppid() == parent.pid and server.status() != psutil.STATUS_ZOMBIE
+        parent.kill()  # SIGKILL: none of the parent's own clean-up runs
+    try:
+        assert wait_until_gone([server], timeout_s=30) == []
+    finally:
+        _kill_if_running(server)
+
+
+# A process started as the CPU engine is (with --parent-pid), but by a parent that requests no parent-death
+# signal; it starts a child of its own, as the engine may (a multiprocessing worker, a resource tracker).
+WATCHING_CHILD = """
+import subprocess, sys, time
+from megatron_dapo.rollout.cpu_engine.lifeline import exit_with_parent
+exit_with_parent(int(sys.argv[1]), poll_s=0.1)
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(grandchild.pid, flush=True)
+time.sleep(600)
+"""
+PLAIN_PARENT = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid())])
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_the_cpu_engine_lifeline_ends_it_and_its_children_with_its_parent():
+    with subprocess.Popen(
+        [sys.executable, "-c", PLAIN_PARENT, WATCHING_CHILD], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        child = psutil.Process(int(parent.stdout.readline()))
+        grandchild = psutil.Process(int(parent.stdout.readline()))
+        assert grandchild.ppid() == child.pid and child.ppid() == parent.pid
+        parent.kill()
+    try:
+        assert wait_until_gone([child, grandchild], timeout_s=30) == []
+    finally:
+        for process in (child, grandchild):
+            _kill_if_running(process)
+
+
+def _kill_if_running(process: psutil.Process) -> None:
+    """A failed test leaves no process behind."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process.kill()

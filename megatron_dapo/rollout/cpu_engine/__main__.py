@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 
 from megatron_dapo.data.tokenizer import load_tokenizer
 from megatron_dapo.rollout.api_key import API_KEY_ENV, api_key_from_env
+from megatron_dapo.rollout.cpu_engine.lifeline import exit_with_parent
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
 from megatron_dapo.rollout.cpu_engine.server import EngineServer, ServerSettings, is_loopback
@@ -79,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds each weight-update broadcast, and each try to reach the trainer's store, may wait "
         "(torch tries twice: an unanswered join ends after about twice this)",
     )  # fmt: skip
+    parser.add_argument(
+        "--parent-pid", type=int, help="exit, with every process this engine started, when this parent dies"
+    )
     # Accepted so that a command line written for sglang.launch_server also starts the CPU engine.
     parser.add_argument("--mem-fraction-static", type=float, help="no effect on CPU")
     parser.add_argument(
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
     )
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid)  # first: the parent may die while the model loads
     if not is_loopback(args.host):
         logger.warning(
             "binding to %s: any client reaching this port can update the weights; never expose it%s",
