@@ -2,9 +2,10 @@
 
 The model (a Qwen2 of a few hundred MB in the engine's dtype) is built by the project's builder at TP=1/PP=1
 in this process; the CPU engine runs as its own process, started from a Hugging Face checkpoint of the same
-shapes. Each sync goes the whole way: Hugging Face layout, buckets, /dev/shm payloads, HTTP, the engine
-copying every tensor into its model. The baseline is `torch.Tensor.copy_` of the same number of bytes, timed
-in the same run. Both load formats, several bucket sizes; the best of `--repeats` syncs of each.
+shapes. Each sync goes the whole way: Hugging Face layout, buckets, a /dev/shm segment per bucket
+(rollout/host_payload.py; both load formats carry the same one), HTTP, the engine checking and copying every
+tensor into its model. The baseline is `torch.Tensor.copy_` of the same number of bytes, timed in the same
+run. Several bucket sizes; the best of `--repeats` syncs of each.
 
 Run: python benchmarks/weight_sync.py [--layers 12] [--hidden 1024] [--bucket-mb 1 8 64 512] [--repeats 3]
 """
@@ -22,7 +23,6 @@ from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.parallel.state import ParallelDims, destroy_parallel, init_parallel
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
-from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
 from megatron_dapo.rollout.weight_sync import BackgroundLoop, SyncReport, TensorTransport, sync_weights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -87,22 +87,22 @@ def main() -> None:
         engine = ServerPool([spec], start_timeout_s=600)
         asyncio.run(engine.start())
         try:
-            rows = run_syncs(args, config.to_dict(), dtype, engine.urls)
+            rows = run_syncs(args, config.to_dict(), dtype, engine.urls, engine.api_key)
         finally:
             engine.stop()
-    nbytes = rows[0][2].bytes
+    nbytes = rows[0][1].bytes
     baseline = copy_seconds(nbytes, args.repeats)
     print_table(args, rows, nbytes, baseline)
 
 
 def run_syncs(
-    args: argparse.Namespace, config: dict, dtype: torch.dtype, urls: list[str]
-) -> list[tuple[str, int, SyncReport]]:
-    """(load format, bucket MB, fastest report) for each setting."""
+    args: argparse.Namespace, config: dict, dtype: torch.dtype, urls: list[str], api_key: str
+) -> list[tuple[int, SyncReport]]:
+    """(bucket MB, fastest report) for each bucket size."""
     pg = init_parallel(ParallelDims())
     try:
         model = build_gpt_model(config, ParallelDims(), pg, params_dtype=dtype)
-        client = SGLangClient(urls)
+        client = SGLangClient(urls, api_key=api_key)
         rows, version = [], 0
         with BackgroundLoop() as loop:
 
@@ -121,14 +121,11 @@ def run_syncs(
                     bucket_bytes=bucket_mb * 2**20,
                 )
 
-            sync(TensorTransport(), max(args.bucket_mb))  # warm-up: connections, first-touch of the engine
-            for load_format in (None, FLATTENED_BUCKET):
-                transport = TensorTransport(load_format=load_format)
-                for bucket_mb in args.bucket_mb:
-                    reports = [sync(transport, bucket_mb) for _ in range(args.repeats)]
-                    rows.append(
-                        (load_format or "per-tensor", bucket_mb, min(reports, key=lambda r: r.seconds))
-                    )
+            transport = TensorTransport()
+            sync(transport, max(args.bucket_mb))  # warm-up: connections, first-touch of the engine
+            for bucket_mb in args.bucket_mb:
+                reports = [sync(transport, bucket_mb) for _ in range(args.repeats)]
+                rows.append((bucket_mb, min(reports, key=lambda r: r.seconds)))
             loop.run(client.close())
         return rows
     finally:
@@ -142,18 +139,15 @@ def print_table(args: argparse.Namespace, rows, nbytes: int, baseline_s: float) 
     )
     copy_rate = nbytes / 1e9 / baseline_s
     print(f"baseline: copy_ of the same bytes: {baseline_s * 1e3:.1f} ms, {copy_rate:.2f} GB/s\n")
-    header = (
-        f"{'load format':<17}{'bucket MB':>10}{'buckets':>9}{'seconds':>9}{'GB/s':>8}{'engine s':>10}"
-        f"{'x copy':>8}"
-    )
+    header = f"{'bucket MB':>10}{'buckets':>9}{'seconds':>9}{'GB/s':>8}{'engine s':>10}{'x copy':>8}"
     print(header)
     print("-" * len(header))
-    for load_format, bucket_mb, report in rows:
+    for bucket_mb, report in rows:
         rate = report.bytes / 1e9 / report.seconds
         engine_s = sum(stage.engine_seconds for stage in report.stages)
         slowdown = report.seconds / baseline_s
         print(
-            f"{load_format:<17}{bucket_mb:>10}{report.buckets:>9}{report.seconds:>9.2f}{rate:>8.2f}"
+            f"{bucket_mb:>10}{report.buckets:>9}{report.seconds:>9.2f}{rate:>8.2f}"
             f"{engine_s:>10.2f}{slowdown:>8.1f}"
         )
 

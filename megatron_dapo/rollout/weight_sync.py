@@ -9,11 +9,12 @@ stage, the embedding by the first; with tied embeddings the last stage's output 
 and is skipped. Stages go in turn, first to last, and the cache is flushed with the last bucket.
 
 Transports, as SGLang defines them:
-- `TensorTransport`, /update_weights_from_tensor: the payload carries handles to shared memory, not bytes
-  (rollout/weight_payload.py): /dev/shm files for CPU tensors (the CPU engine), CUDA IPC handles for servers
-  sharing the training job's GPUs ("colocated"). Such handles open only on the node that made them.
+- `TensorTransport`, /update_weights_from_tensor: the payload names shared memory, not bytes: CUDA IPC handles
+  for servers sharing the training job's GPUs ("colocated", rollout/weight_payload.py), a shared-memory
+  segment per bucket for the CPU engine (rollout/host_payload.py; the sender removes it once every server
+  answered). Either opens only on the node that made it.
   - One node (no `colocation`): one replica (the ranks of data- and context-parallel rank 0) does the work;
-    each stage's sender (its TP rank 0) hands every server, for every TP rank, a handle to its own copy.
+    each stage's sender (its TP rank 0) hands every server, for every TP rank, the payload of its own copy.
   - Several nodes (`colocation` says which training rank runs on each server GPU): every rank builds every
     stage's tensors on its own GPU, and each server's TP rank j gets a handle to the copy on its own GPU,
     made by the training rank there. A node holds the stages of its own ranks; the others cross the network
@@ -44,6 +45,7 @@ Generation must be idle during a sync: a request running across it would mix two
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -66,6 +68,7 @@ from megatron_dapo.checkpoint.hf_mapping import HFMapping, Layout, TensorMap, to
 from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.policy import unwrap
 from megatron_dapo.rollout.engine import EngineError, RolloutEngine
+from megatron_dapo.rollout.host_payload import DEFAULT_SHM_DIR, SegmentWriter
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
 from megatron_dapo.rollout.weight_payload import (
@@ -337,46 +340,39 @@ def _is_stage_sender(pg_collection: ProcessGroupCollection) -> bool:
 
 
 class TensorTransport:
-    """/update_weights_from_tensor: handles to the senders' memory, one payload per TP rank of a server.
+    """/update_weights_from_tensor: payloads naming the senders' memory, one per TP rank of a server.
 
     Without `colocation` every server must run on the node of every stage's sender (one node): each TP
-    rank maps the sender's memory (GPU memory over NVLink) and copies its shard. `engine_tp_size` and
-    `num_servers` (default 1 each) say how many processes load each payload, which CPU payloads must know
-    (rollout/weight_payload.py). With `colocation`, made on every rank (it builds a gloo group per server),
-    every rank builds the whole model and each server TP rank gets a handle to the copy on its own GPU (see
-    the module docstring); the colocation knows the servers, and sizes given besides must agree with it.
-    `host_memory`: the servers read host memory (the CPU engine), so buckets on a GPU are copied there first.
+    rank reads the sender's memory (GPU memory over NVLink) and copies its shard. With `colocation`, made on
+    every rank (it builds a gloo group per server), every rank builds the whole model and each server TP
+    rank gets the payload of the copy on its own GPU (see the module docstring); the colocation knows the
+    servers, and a TP size given besides must agree with it. `host_memory`: the servers read host memory
+    (the CPU engine), so buckets go into segments in `shm_dir` (as buckets on the CPU always do).
     """
 
     def __init__(
         self,
         *,
         engine_tp_size: int | None = None,
-        num_servers: int | None = None,
         load_format: str | None = FLATTENED_BUCKET,
         colocation: Colocation | None = None,
         host_memory: bool = False,
+        shm_dir: str = DEFAULT_SHM_DIR,
     ):
         _check_load_format(load_format)
         if engine_tp_size is not None and engine_tp_size < 1:
             raise ValueError(f"engine_tp_size must be >= 1 (the servers' --tp-size), got {engine_tp_size}")
-        if num_servers is not None and num_servers < 1:
-            raise ValueError(f"num_servers must be >= 1 (the servers a bucket goes to), got {num_servers}")
         if colocation is not None:
             tp_sizes = sorted({server.tp_size for server in colocation.servers})
             if engine_tp_size is not None and tp_sizes != [engine_tp_size]:
                 raise ValueError(
                     f"engine_tp_size={engine_tp_size} but the colocation's servers have TP sizes {tp_sizes}"
                 )
-            if num_servers is not None and num_servers != len(colocation.servers):
-                raise ValueError(
-                    f"num_servers={num_servers} but the colocation places {len(colocation.servers)} servers"
-                )
         self.engine_tp_size = engine_tp_size or 1
-        self.num_servers = num_servers or 1
         self.load_format = load_format
         self.colocation = colocation
         self.host_memory = host_memory
+        self.segments = SegmentWriter(shm_dir)  # this sender's host-memory segments, under its own token
         self._server: int | None = None  # index of the server on this rank's GPU
         self._server_group: dist.ProcessGroup | None = None  # the training ranks on that server's GPUs
         if colocation is not None:
@@ -396,16 +392,17 @@ class TensorTransport:
         return self._server is not None and self.colocation.ranks[self._server][0] == dist.get_rank()
 
     def send(self, bucket, engine, loop, *, stage, weight_version, flush_cache) -> None:
-        # `bucket` stays referenced until the servers answer: the handles point into its memory.
-        if self.host_memory:
-            bucket = [(name, tensor.cpu()) for name, tensor in bucket]
         if self.colocation is None:
-            # One payload for every TP rank of every server, each loading it once.
-            payload = self._serialize(bucket, receivers=self.num_servers * self.engine_tp_size)
-            payloads = [payload] * self.engine_tp_size
-            self._post(
-                payloads, engine, loop, url=None, weight_version=weight_version, flush_cache=flush_cache
-            )
+            # One payload for every TP rank of every server.
+            with self._payload(bucket) as payload:
+                self._post(
+                    [payload] * self.engine_tp_size,
+                    engine,
+                    loop,
+                    url=None,
+                    weight_version=weight_version,
+                    flush_cache=flush_cache,
+                )
         elif self._server is not None:
             self._send_to_own_server(
                 bucket, engine, loop, weight_version=weight_version, flush_cache=flush_cache
@@ -417,10 +414,14 @@ class TensorTransport:
             # references across processes); reclaim those now rather than at some later allocation.
             torch.cuda.ipc_collect()
 
-    def _serialize(self, bucket: NamedTensors, receivers: int = 1) -> str:
+    def _payload(self, bucket: NamedTensors) -> contextlib.AbstractContextManager[str]:
+        """The bucket's payload, valid until the block ends, which must outlast the servers' answers: a
+        segment removed then, or CUDA IPC handles into `bucket`, which stays referenced meanwhile."""
+        if self.host_memory or not bucket[0][1].is_cuda:
+            return self.segments.payload(bucket)
         if self.load_format == FLATTENED_BUCKET:
-            return serialize_flattened_bucket(bucket, receivers=receivers)
-        return serialize_named_tensors(bucket, receivers=receivers)
+            return contextlib.nullcontext(serialize_flattened_bucket(bucket))
+        return contextlib.nullcontext(serialize_named_tensors(bucket))
 
     def _post(self, payloads, engine, loop, *, url, weight_version, flush_cache) -> None:
         call = engine.update_weights_from_tensor(
@@ -437,32 +438,28 @@ class TensorTransport:
         GPU posts them (TP rank j reads the one made on its GPU) and tells the others how it went: they free
         their copies only then, and raise the same error if it failed."""
         server, ranks = self.colocation.servers[self._server], self.colocation.ranks[self._server]
-        rank = dist.get_rank()
-        try:
-            mine = (rank, self._serialize(bucket), None)
-        except Exception as error:  # still join the gather below: the others wait in it
-            mine = (rank, None, f"rank {rank} could not serialize: {_describe(error)}")
-        poster = ranks[0]
-        gathered = [None] * len(ranks) if rank == poster else None
-        dist.gather_object(mine, gathered, dst=poster, group=self._server_group)
+        rank, poster = dist.get_rank(), ranks[0]
         outcome: list[str | None] = [None]
-        if rank == poster:
-            outcome[0] = next((error for _, _, error in gathered if error is not None), None)
-            if outcome[0] is None:
-                payload_of = {sender: payload for sender, payload, _ in gathered}
-                payloads = [payload_of[server_rank] for server_rank in ranks]  # TP rank j: GPU base + j
-                try:
-                    self._post(
-                        payloads,
-                        engine,
-                        loop,
-                        url=server.url,
-                        weight_version=weight_version,
-                        flush_cache=flush_cache,
-                    )
-                except Exception as error:
-                    outcome[0] = _describe(error)
-        dist.broadcast_object_list(outcome, src=poster, group=self._server_group)
+        with contextlib.ExitStack() as keep:  # this rank's payload lives until the outcome is known
+            try:
+                mine = (rank, keep.enter_context(self._payload(bucket)), None)
+            except Exception as error:  # still join the gather below: the others wait in it
+                mine = (rank, None, f"rank {rank} could not serialize: {_describe(error)}")
+            gathered = [None] * len(ranks) if rank == poster else None
+            dist.gather_object(mine, gathered, dst=poster, group=self._server_group)
+            if rank == poster:
+                outcome[0] = next((error for _, _, error in gathered if error is not None), None)
+                if outcome[0] is None:
+                    payload_of = {sender: payload for sender, payload, _ in gathered}
+                    payloads = [payload_of[server_rank] for server_rank in ranks]  # TP rank j: GPU base + j
+                    try:
+                        self._post(
+                            payloads, engine, loop, url=server.url, weight_version=weight_version,
+                            flush_cache=flush_cache,
+                        )  # fmt: skip
+                    except Exception as error:
+                        outcome[0] = _describe(error)
+            dist.broadcast_object_list(outcome, src=poster, group=self._server_group)
         if outcome[0] is not None:
             raise _ServerGroupError(outcome[0])
 

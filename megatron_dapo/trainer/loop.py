@@ -364,7 +364,6 @@ class Trainer:
             colocation = Colocation.discover(servers)
         return TensorTransport(
             engine_tp_size=r.server_tp,
-            num_servers=len(urls),
             colocation=colocation,
             host_memory=r.backend == "cpu",
         )

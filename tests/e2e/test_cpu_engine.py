@@ -5,7 +5,11 @@ the same ones against real SGLang servers. One engine serves the whole module.
 """
 
 import asyncio
+import base64
+import contextlib
+import pickle
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import aiohttp
@@ -17,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.api_key import api_key_from_env, authorization_header
 from megatron_dapo.rollout.engine import EngineRequestError
+from megatron_dapo.rollout.host_payload import SegmentWriter
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.testing import reference_logprobs, save_tiny_qwen2
@@ -119,25 +124,34 @@ async def check_abort(client: SGLangClient, running_s: float) -> None:
             await asyncio.sleep(0.2)
 
 
+@contextlib.contextmanager
+def weight_payload(named, device: str, load_format: str | None = None) -> Iterator[str]:
+    """What a trainer sends: SGLang's CUDA IPC pickle to a server on GPUs, a host-memory segment (removed when
+    the block ends) to the CPU engine."""
+    if device == "cpu":
+        with SegmentWriter().payload(named) as header:
+            yield header
+    else:
+        yield (serialize_flattened_bucket if load_format else serialize_named_tensors)(named)
+
+
 async def check_weight_updates(client: SGLangClient, reference, other, tolerance: float, device: str) -> None:
     """Both payload formats load Hugging Face-named tensors: outputs become the pushed model's."""
     named = [(name, tensor.to(device)) for name, tensor in other.state_dict().items()]
-    await client.update_weights_from_tensor([serialize_named_tensors(named)], weight_version=1)
+    with weight_payload(named, device) as payload:
+        await client.update_weights_from_tensor([payload], weight_version=1)
     [completion] = await client.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12))
     assert completion.token_ids == greedy_reference(other, PROMPT, 12) and completion.weight_version == 1
     assert_logprobs_match(other, PROMPT, completion, temperature=1.0, tolerance=tolerance)
     # Back to the original weights in two flattened buckets, the cache flushed only after the last one.
     named = [(name, tensor.to(device)) for name, tensor in reference.state_dict().items()]
     half = len(named) // 2
-    await client.update_weights_from_tensor(
-        [serialize_flattened_bucket(named[:half])],
-        weight_version=2,
-        load_format="flattened_bucket",
-        flush_cache=False,
-    )
-    await client.update_weights_from_tensor(
-        [serialize_flattened_bucket(named[half:])], weight_version=2, load_format="flattened_bucket"
-    )
+    with weight_payload(named[:half], device, "flattened_bucket") as payload:
+        await client.update_weights_from_tensor(
+            [payload], weight_version=2, load_format="flattened_bucket", flush_cache=False
+        )
+    with weight_payload(named[half:], device, "flattened_bucket") as payload:
+        await client.update_weights_from_tensor([payload], weight_version=2, load_format="flattened_bucket")
     [completion] = await client.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12))
     assert completion.token_ids == greedy_reference(reference, PROMPT, 12) and completion.weight_version == 2
     assert client.weight_version == 2
@@ -243,7 +257,8 @@ async def _release_and_resume(client: SGLangClient, reference) -> None:
         await client.generate(PROMPT, SamplingParams(max_new_tokens=2))
     await client.resume_memory(["weights"])
     named = list(reference.state_dict().items())  # released weights came back empty: push them
-    await client.update_weights_from_tensor([serialize_named_tensors(named)], weight_version=3)
+    with weight_payload(named, "cpu") as payload:
+        await client.update_weights_from_tensor([payload], weight_version=3)
     await client.resume_memory(["kv_cache", "cuda_graph"])
     [completion] = await client.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=8))
     assert completion.token_ids == greedy_reference(reference, PROMPT, 8) and completion.weight_version == 3
@@ -335,9 +350,15 @@ async def _errors_name_their_cause(client: SGLangClient, reference) -> None:
             assert response.status == 400 and "repetition_penalty" in await response.text()
         async with session.post(url + protocol.GENERATE, json={"input_ids": [1, 64]}) as response:
             assert response.status == 400 and "input_ids[0]" in await response.text()
-    wrong_shape = [("model.norm.weight", torch.zeros(7))]
-    with pytest.raises(EngineRequestError, match=r"model\.norm\.weight"):
-        await client.update_weights_from_tensor([serialize_named_tensors(wrong_shape)], weight_version=9)
+    wrong_shape = [("model.norm.weight", torch.randn(7))]
+    wrong_dtype = [("model.norm.weight", torch.randn(32, dtype=torch.float64))]
+    for named, cause in ((wrong_shape, "shape"), (wrong_dtype, "dtype torch.float64")):
+        refused = pytest.raises(EngineRequestError, match=rf"model\.norm\.weight: {cause}")
+        with refused, weight_payload(named, "cpu") as payload:
+            await client.update_weights_from_tensor([payload], weight_version=9)
+    pickled = base64.b64encode(pickle.dumps([("model.norm.weight", torch.randn(32))])).decode()
+    with pytest.raises(EngineRequestError, match="never unpickles"):
+        await client.update_weights_from_tensor([pickled], weight_version=9)
     assert await client.health() == {url: True}
     info = await client.model_info(url)
     assert set(info) == protocol.MODEL_INFO_FIELDS and info["weight_version"] != "9"

@@ -9,7 +9,7 @@ the last stage holds a copy of the embedding that must not be sent a second time
 - Two simulated nodes (a colocation given each rank's node explicitly): ranks 0-1 run on node0, ranks 2-3 on
   node1; engine 0 shares GPU 0 of node0 (rank 0), engine 1 GPU 1 of node1 (rank 3). At TP=2 x PP=2 each node
   holds one stage and receives the other; at TP=2 x DP=2 each holds a replica. An engine must get its
-  payloads from the rank on its GPU: the shared-memory files a payload names carry the maker's process id.
+  payloads from the rank on its GPU: the segment a payload names carries its maker's random token.
   Servers of TP size 2 (which the CPU engine cannot be) are in-process recorders: payload j from GPU j.
 - Broadcast (/init_weights_update_group + /update_weights_from_distributed) into both engines, one named
   group per stage, held across syncs, joined on the engines' side as SGLang's servers join.
@@ -18,9 +18,7 @@ the last stage holds a copy of the embedding that must not be sent a second time
 """
 
 import asyncio
-import base64
-import os
-import re
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,12 +36,12 @@ from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.parallel.state import ParallelDims, init_parallel
+from megatron_dapo.rollout.host_payload import parse_host_payload, read_host_payload
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
 from megatron_dapo.rollout.testing import reference_logprobs
 from megatron_dapo.rollout.types import SamplingParams
-from megatron_dapo.rollout.weight_payload import deserialize_named_tensors
 from megatron_dapo.rollout.weight_sync import (
     BackgroundLoop,
     BroadcastTransport,
@@ -93,7 +91,7 @@ def make_transport(kind: str, load_format: str | None, urls, server_gpus=ENGINE_
     """Every rank: the transport of `kind` (a colocation over the simulated nodes is a collective); the
     colocated servers start at `server_gpus` (node, GPU)."""
     if kind == "one-node":
-        return TensorTransport(num_servers=len(urls), load_format=load_format)
+        return TensorTransport(load_format=load_format)
     if kind == "broadcast":
         return BroadcastTransport(
             urls, load_format=load_format, backend="gloo", timeout=timedelta(seconds=60)
@@ -105,9 +103,13 @@ def make_transport(kind: str, load_format: str | None, urls, server_gpus=ENGINE_
     return TensorTransport(engine_tp_size=tp_size, load_format=load_format, colocation=colocation)
 
 
-def payload_pids(payload: str) -> set[int]:
-    """The processes whose shared memory a payload names (torch's /dev/shm files are /torch_<pid>_...)."""
-    return {int(pid) for pid in re.findall(rb"/torch_(\d+)_", base64.b64decode(payload))}
+def payload_maker(payload: str) -> str:
+    """The prefix of the writer that made a payload's segment (each rank's transport has its own token)."""
+    return json.loads(payload)["segment"].rsplit("-", 1)[0] + "-"
+
+
+def segment_prefix(transport) -> str | None:
+    return transport.segments.prefix if isinstance(transport, TensorTransport) else None
 
 
 class RecordingClient(SGLangClient):
@@ -118,7 +120,7 @@ class RecordingClient(SGLangClient):
         self.posts: list[tuple[str | None, list[set[int]]]] = []
 
     async def update_weights_from_tensor(self, serialized_named_tensors, *, url=None, **kwargs):
-        self.posts.append((url, [payload_pids(payload) for payload in serialized_named_tensors]))
+        self.posts.append((url, [payload_maker(payload) for payload in serialized_named_tensors]))
         await super().update_weights_from_tensor(serialized_named_tensors, url=url, **kwargs)
 
 
@@ -166,7 +168,7 @@ def push_into(model, config, pg, push: Push) -> dict:
         "samples": samples[0],
         "megatron": score(model, config, pg, samples[0]),
         "posts": client.posts,
-        "pid": os.getpid(),
+        "prefix": segment_prefix(transport),
     }
 
 
@@ -306,7 +308,7 @@ def test_two_nodes_each_engine_fed_from_its_own_gpu(pool, engines, checkpoints, 
             assert result["posts"] == []
             continue
         url = engines[ENGINE_RANKS.index(rank)]
-        assert result["posts"] and all(post == (url, [{result["pid"]}]) for post in result["posts"])
+        assert result["posts"] and all(post == (url, [result["prefix"]]) for post in result["posts"])
         assert NODE_OF_RANK[rank] == ENGINE_GPUS[ENGINE_RANKS.index(rank)][0]
 
 
@@ -317,9 +319,9 @@ class Recorder:
         self.calls: list[tuple[str, list[set[int]], list[dict[str, torch.Tensor]]]] = []
 
     async def update_weights_from_tensor(self, payloads, *, weight_version, load_format, flush_cache, url):
-        pids = [payload_pids(payload) for payload in payloads]
-        loaded = [dict(deserialize_named_tensors(payload, load_format)) for payload in payloads]
-        self.calls.append((url, pids, loaded))
+        makers = [payload_maker(payload) for payload in payloads]
+        loaded = [dict(read_host_payload(parse_host_payload(payload, load_format))) for payload in payloads]
+        self.calls.append((url, makers, loaded))
 
 
 def push_to_recorders(hf_dir: Path, urls) -> dict:
@@ -334,21 +336,21 @@ def push_to_recorders(hf_dir: Path, urls) -> dict:
             model, config, pg, transport, recorder, loop.loop, weight_version=1, dtype=torch.float32,
             bucket_bytes=BUCKET_BYTES,
         )  # fmt: skip
-    return {"calls": recorder.calls if recorder else None, "pid": os.getpid()}
+    return {"calls": recorder.calls if recorder else None, "prefix": segment_prefix(transport)}
 
 
 def test_two_nodes_each_server_tp_rank_fed_from_its_own_gpu(pool, checkpoints, hf_models):
     urls = ("http://tp2-server-a", "http://tp2-server-b")  # on GPUs 0-1 of node0, and of node1
     results = pool.run(push_to_recorders, checkpoints["recorders"], urls)
     policy = hf_models["recorders"].state_dict()
-    pids = [result["pid"] for result in results]
+    prefixes = [result["prefix"] for result in results]
     posters = [rank for rank, result in enumerate(results) if result["calls"] is not None]
     assert posters == [0, 2]  # the rank on each server's first GPU
     for poster, url in zip(posters, urls, strict=True):
         calls = results[poster]["calls"]
         assert len(calls) > 2 and {call_url for call_url, _, _ in calls} == {url}
-        for _, call_pids, loaded in calls:
-            assert call_pids == [{pids[poster]}, {pids[poster + 1]}]  # TP rank j: the copy on GPU j
+        for _, makers, loaded in calls:
+            assert makers == [prefixes[poster], prefixes[poster + 1]]  # TP rank j: the copy on GPU j
             assert all(torch.equal(loaded[1][name], tensor) for name, tensor in loaded[0].items())
         received = {name: tensor for _, _, loaded in calls for name, tensor in loaded[0].items()}
         assert sum(len(loaded[0]) for _, _, loaded in calls) == len(received) == EXPECTED_TENSORS

@@ -84,3 +84,31 @@ def test_weight_loading(model_dir):
     runner.load_weights(list(other.state_dict().items()))
     prefill, _ = runner.prefill((4, 5))
     assert torch.allclose(prefill.logits, _reference_next_logits(other, [4, 5]), atol=1e-5)
+
+
+def test_weights_of_another_dtype_or_not_finite_are_refused_unless_cast_is_allowed(model_dir):
+    """An update in another dtype is refused (the sender is misconfigured) unless the engine was started with
+    --allow-weight-cast; non-finite values always, also those a cast makes; a refusal copies nothing."""
+    generator = torch.Generator().manual_seed(3)
+    runner = ModelRunner(str(model_dir), torch.float32, context_length=None)
+    state = runner.model.state_dict()
+    before = {name: tensor.clone() for name, tensor in state.items()}
+    update = [(name, torch.randn(tensor.shape, generator=generator)) for name, tensor in state.items()]
+    halved = [(name, tensor.to(torch.bfloat16)) for name, tensor in update]
+    with pytest.raises(ProtocolError, match=r"model\.embed_tokens\.weight: dtype torch.bfloat16 .*--allow"):
+        runner.load_weights(halved)
+    for position in (0, len(update) - 1):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            poisoned = [(name, tensor.clone()) for name, tensor in update]
+            poisoned[position][1].view(-1)[5] = bad
+            with pytest.raises(ProtocolError, match=f"{poisoned[position][0]}: holds non-finite"):
+                runner.load_weights(poisoned)
+    assert all(torch.equal(state[name], tensor) for name, tensor in before.items())
+
+    casting = ModelRunner(str(model_dir), torch.float16, context_length=None, allow_weight_cast=True)
+    overflow = [(name, tensor * 1e6) for name, tensor in update]  # finite in float32, inf in float16
+    with pytest.raises(ProtocolError, match="non-finite"):
+        casting.load_weights(overflow)
+    casting.load_weights(halved)
+    for name, tensor in halved:
+        assert torch.equal(casting.model.state_dict()[name], tensor.to(torch.float16))

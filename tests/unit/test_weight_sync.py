@@ -1,5 +1,5 @@
-"""Weight sync at TP=1/PP=1, in one process: the engine side is the CPU engine's own payload decoding and
-weight loading (weight_payload + ModelRunner), without its HTTP server (tests/parallel drives the real one).
+"""Weight sync at TP=1/PP=1, in one process: the engine side is the CPU engine's own payload reading and
+weight loading (host_payload + ModelRunner), without its HTTP server (tests/parallel drives the real one).
 Also the placement of colocated servers (which training rank shares which server GPU), a pure function.
 """
 
@@ -19,8 +19,8 @@ from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.parallel.state import ParallelDims
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.engine import EngineRequestError
+from megatron_dapo.rollout.host_payload import parse_host_payload, read_host_payload
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
-from megatron_dapo.rollout.weight_payload import deserialize_named_tensors
 from megatron_dapo.rollout.weight_sync import (
     BackgroundLoop,
     BroadcastTransport,
@@ -62,14 +62,14 @@ class Call:
 class InProcessEngine:
     """The weight-loading half of the CPU engine, called like the engine client."""
 
-    def __init__(self, model_dir):
-        self.runner = ModelRunner(str(model_dir), torch.float32, context_length=None)
+    def __init__(self, model_dir, allow_weight_cast: bool = False):
+        self.runner = ModelRunner(str(model_dir), torch.float32, None, allow_weight_cast=allow_weight_cast)
         self.calls: list[Call] = []
 
     async def update_weights_from_tensor(
         self, serialized_named_tensors, *, weight_version, load_format=None, flush_cache=True, url=None
     ):
-        named = deserialize_named_tensors(serialized_named_tensors[0], load_format)
+        named = read_host_payload(parse_host_payload(serialized_named_tensors[0], load_format))
         self.runner.load_weights(named)
         call = Call(
             [n for n, _ in named],
@@ -112,7 +112,8 @@ CONFIGS = {
 def test_engine_gets_the_megatron_weights(groups, engine_loop, tmp_path, case):
     model_type, load_format, bucket_bytes, engine_tp, dtype, colocated = CASES[case]
     config = CONFIGS[model_type]
-    engine = InProcessEngine(save_tiny_checkpoint(tiny_hf_model(config, seed=0), tmp_path / "start"))
+    start = save_tiny_checkpoint(tiny_hf_model(config, seed=0), tmp_path / "start")
+    engine = InProcessEngine(start, allow_weight_cast=dtype != torch.float32)  # a bf16 sync into fp32
     trained = tiny_hf_model(config, seed=1)  # what the policy has become: every tensor differs
     model = build_gpt_model(config, ParallelDims(), groups)
     load_hf_weights(model, config, trained.state_dict().__getitem__, groups)
@@ -238,8 +239,6 @@ def test_bad_arguments_are_named(groups, engine_loop, tmp_path):
         TensorTransport(load_format="safetensors")
     with pytest.raises(ValueError, match="engine_tp_size"):
         TensorTransport(engine_tp_size=0)
-    with pytest.raises(ValueError, match="num_servers"):
-        TensorTransport(num_servers=0)
     with pytest.raises(ValueError, match="server_urls"):
         BroadcastTransport("http://127.0.0.1:30000")
 
@@ -301,5 +300,3 @@ def test_colocation_refuses_what_cannot_be_colocated():
         ValueError, match="engine_tp_size=1 but the colocation's servers have TP sizes \\[2\\]"
     ):
         TensorTransport(engine_tp_size=1, colocation=colocation)
-    with pytest.raises(ValueError, match="num_servers=2 but the colocation places 1 servers"):
-        TensorTransport(num_servers=2, colocation=colocation)

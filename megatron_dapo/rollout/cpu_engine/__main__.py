@@ -1,7 +1,7 @@
 """Run the CPU engine: `python -m megatron_dapo.rollout.cpu_engine --model-path HF_DIR --port P`.
 
-Takes the core flags of `sglang.launch_server` so the same launcher drives both. The server deserializes
-pickled tensors sent to /update_weights_from_tensor: bind it to 127.0.0.1 (the default) and never expose it.
+Takes the core flags of `sglang.launch_server` so the same launcher drives both. /update_weights_from_tensor
+reads host-memory payloads (rollout/host_payload.py), never pickles; bind to 127.0.0.1 (the default) anyway.
 Sharing cores with a trainer, give it few threads (OMP_NUM_THREADS=1 for small models): on a busy 2-core
 machine one decode step of the tests' tiny model took 6 ms with one thread and 320 ms with two.
 """
@@ -23,6 +23,7 @@ from megatron_dapo.rollout.cpu_engine.lifeline import exit_with_parent
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
 from megatron_dapo.rollout.cpu_engine.server import EngineServer, ServerSettings, is_loopback
+from megatron_dapo.rollout.host_payload import DEFAULT_SHM_DIR
 
 logger = logging.getLogger("megatron_dapo.rollout.cpu_engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-tokenizer-init", action="store_true", help="no tokenizer: outputs carry no text"
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="bind address; keep it local: weight updates are unpickled"
+        "--host", default="127.0.0.1", help="bind address; keep it local unless an API key is set"
     )
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1, help="must be 1 on CPU")
@@ -51,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=256, help="sequences decoded together")
     parser.add_argument("--random-seed", type=int, help="seeds requests that carry no sampling_seed")
     parser.add_argument("--weight-version", default="default", help="reported until the first weight update")
+    parser.add_argument(
+        "--weight-shm-dir", default=DEFAULT_SHM_DIR, help="where the trainer's weight segments are read"
+    )
+    parser.add_argument(
+        "--allow-weight-cast", action="store_true",
+        help="cast weight updates of another dtype to --dtype (default: refuse them)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--api-key",
@@ -117,13 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         exit_with_parent(args.parent_pid)  # first: the parent may die while the model loads
     if not is_loopback(args.host):
         logger.warning(
-            "binding to %s: /update_weights_from_tensor unpickles what it receives; never expose this port%s",
+            "binding to %s: any client reaching this port can update the weights; never expose it%s",
             args.host,
             "" if args.api_key else f" (and no API key is set: set {API_KEY_ENV})",
         )
     elif sys.platform == "linux":  # the sockets of weight-update groups (gloo) stay on loopback too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    runner = ModelRunner(args.model_path, DTYPES[args.dtype], args.context_length)
+    runner = ModelRunner(args.model_path, DTYPES[args.dtype], args.context_length, args.allow_weight_cast)
     tokenizer_path = None if args.skip_tokenizer_init else (args.tokenizer_path or args.model_path)
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     scheduler = Scheduler(
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         max_request_bytes=int(args.max_request_mib * 2**20),
         max_sequences_per_request=args.max_sequences_per_request,
         weight_group_timeout_s=args.weight_group_timeout,
+        weight_shm_dir=args.weight_shm_dir,
     )
     server = EngineServer(
         runner, scheduler, tokenizer, args.model_path, tokenizer_path, args.weight_version, settings

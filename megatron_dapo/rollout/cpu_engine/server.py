@@ -7,6 +7,8 @@ weight updates answer {"success": false, "message"} with status 400; a malformed
 What it trusts: only clients holding the key (when one is set) on the address it serves on. A weight-update
 group is joined only at that address, as a non-zero rank (the trainer, rank 0, hosts the store), within
 `ServerSettings.weight_group_timeout_s`, off the model thread: generation goes on while a join waits.
+Weight payloads are never unpickled: /update_weights_from_tensor reads only a segment of the checked name,
+owner and size in `ServerSettings.weight_shm_dir` (rollout/host_payload.py), and never writes or removes it.
 """
 
 import asyncio
@@ -28,12 +30,8 @@ from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.api_key import is_authorized, needs_key
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler, Sequence
-from megatron_dapo.rollout.weight_payload import (
-    concat_bytes_size,
-    deserialize_named_tensors,
-    init_weight_update_group,
-    split_bytes,
-)
+from megatron_dapo.rollout.host_payload import DEFAULT_SHM_DIR, parse_host_payload, read_host_payload
+from megatron_dapo.rollout.weight_payload import concat_bytes_size, init_weight_update_group, split_bytes
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,10 +43,11 @@ class ServerSettings:
 
     host: str = "127.0.0.1"  # the address served on: weight-update groups are joined there only
     api_key: str | None = None  # None: no authentication (bind to 127.0.0.1 then)
-    max_request_bytes: int = 64 << 20  # a 20k-token prompt is ~150 KB of JSON; weight payloads are handles
+    max_request_bytes: int = 64 << 20  # a 20k-token prompt is ~150 KB of JSON; weight payloads are headers
     max_sequences_per_request: int = 1024  # prompts x n of one /generate
     # Each broadcast, and each of torch's two tries to reach the store, waits this long at most.
     weight_group_timeout_s: float = 60.0
+    weight_shm_dir: str = DEFAULT_SHM_DIR  # where /update_weights_from_tensor's segments are read
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -227,14 +226,15 @@ class EngineServer:
         return await self._control(load)
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        """Host-memory payloads only (rollout/host_payload.py): a pickle is refused, never unpickled."""
         try:
             update = protocol.parse_update_weights_from_tensor(await _read_json(request))
+            # TP size 1: this server is TP rank 0 and reads the first payload.
+            payload = parse_host_payload(update.serialized_named_tensors[0], update.load_format)
         except protocol.ProtocolError as error:
             return web.json_response(protocol.success_body(False, str(error)), status=400)
-        # TP size 1: this server is TP rank 0 and reads the first payload.
-        payload = update.serialized_named_tensors[0]
         return await self._update_weights(
-            lambda: deserialize_named_tensors(payload, update.load_format),
+            lambda: read_host_payload(payload, self.settings.weight_shm_dir),
             update.abort_all_requests,
             update.weight_version,
         )
