@@ -3,7 +3,6 @@
 import dataclasses
 import itertools
 import math
-import os
 import random
 import typing
 
@@ -162,10 +161,11 @@ def test_dapo_plan_refuses_them_too(user_error):
     )
 
 
-def test_tensor_parallel_over_one_process_names_the_field(user_error):
+def test_tensor_parallel_over_one_process_names_the_field(user_error, monkeypatch):
     """Started without torchrun the job is one process: TP=2 cannot be laid out, and says so before any
     process group forms."""
-    assert "RANK" not in os.environ
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # an earlier in-process run may have set them
+        monkeypatch.delenv(name, raising=False)
     err = user_error(train.main, ["parallel.tensor=2"])
     assert err.startswith("dapo-train: error: parallel.tensor=2: tensor x pipeline x context = 2 must divide")
     assert not dist.is_initialized()
