@@ -37,21 +37,21 @@ from megatron_dapo.rollout.weight_sync import (
     sync_weights,
 )
 from megatron_dapo.trainer.batch import RankBatch, StepBatch
-from megatron_dapo.trainer.checkpointing import (
+from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts
+from megatron_dapo.trainer.distribute import distribute_batch
+from megatron_dapo.trainer.policy.build import build_policy, parallel_dims
+from megatron_dapo.trainer.policy.checkpointing import (
     load_optimizer,
     optimizer_metadata,
     resume_point,
     save_checkpoint,
 )
-from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts
-from megatron_dapo.trainer.distribute import distribute_batch
-from megatron_dapo.trainer.engine import EngineConnection
-from megatron_dapo.trainer.objective import DapoObjective, ObjectiveSettings, token_targets
-from megatron_dapo.trainer.policy import build_policy, parallel_dims
-from megatron_dapo.trainer.rollout import RewardSettings, RolloutCollector, RolloutSettings
+from megatron_dapo.trainer.policy.objective import DapoObjective, ObjectiveSettings, token_targets
+from megatron_dapo.trainer.policy.train_step import StepResult, forward_logprobs, train_step
+from megatron_dapo.trainer.rollout.collector import RewardSettings, RolloutCollector, RolloutSettings
+from megatron_dapo.trainer.rollout.engine import EngineConnection
 from megatron_dapo.trainer.signals import StopRequest
 from megatron_dapo.trainer.tracking import MetricsTracker
-from megatron_dapo.trainer.train_step import StepResult, forward_logprobs, train_step
 
 logger = logging.getLogger("megatron_dapo.train")
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from megatron_dapo.trainer.loop import _update_metrics
-from megatron_dapo.trainer.train_step import StepResult
+from megatron_dapo.trainer.policy.train_step import StepResult
 
 
 def result(applied: bool, loss: float, grad_norm: float, tokens: float, entropy_sum: float) -> StepResult:

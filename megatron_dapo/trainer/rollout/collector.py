@@ -28,36 +28,9 @@ from megatron_dapo.data.dataset import PromptLoader, TokenizedPrompt
 from megatron_dapo.reward import compute_score
 from megatron_dapo.rollout.engine import RolloutEngine
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
+from megatron_dapo.trainer.batch import Group, Response
 
 _SEED_LIMIT = 2**31 - 2**16  # the engine draws sample i of a request with seed + i: leave room for i
-
-
-@dataclass(frozen=True)
-class Response:
-    """One scored sample."""
-
-    token_ids: tuple[int, ...]  # generated tokens, the stop token included when one was generated
-    logprobs: tuple[float, ...]  # the engine's log-prob (nats) of each generated token
-    finish_reason: FinishReason  # STOP: finished; LENGTH: truncated (aborted samples are never scored)
-    reward: float  # rule reward (+1 / -1) plus the soft overlong penalty when it is on
-    correct: bool  # the rule reward alone: what dynamic sampling and accuracy count
-
-    @property
-    def truncated(self) -> bool:
-        return self.finish_reason is FinishReason.LENGTH
-
-
-@dataclass(frozen=True)
-class Group:
-    """One prompt's G scored samples: the unit of advantage normalisation and of dynamic sampling."""
-
-    prompt_index: int  # row of the prompt in the training set
-    prompt_ids: tuple[int, ...]  # the token ids the engine was prompted with
-    responses: tuple[Response, ...]
-
-    @property
-    def correct(self) -> list[bool]:
-        return [response.correct for response in self.responses]
 
 
 @dataclass(frozen=True)
