@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from megatron_dapo.trainer.loop import _update_metrics
+from megatron_dapo.trainer.policy.role import update_metrics as _update_metrics
 from megatron_dapo.trainer.policy.train_step import StepResult
 
 
