@@ -39,6 +39,16 @@ class AlgorithmConfig:
     max_sampling_rounds: int = 10  # give up (with an error) after this many rounds cannot fill a batch
     rollout_is_cap: float | None = None  # truncated importance weight π_old/π_rollout, capped; None: off
     boxed_fallback: bool = False  # reward: read \boxed{} when no "Answer:" line exists (the paper: no)
+    # Skip prompts whose last group was all correct / all wrong when the stream reaches them again (not in
+    # the paper; algo/saturation.py, issue 13). Each skip is drawn with the probability below, so a skipped
+    # prompt returns after 1 / (1 - p) epochs on average and can be relearned; skip_expiry_epochs > 0 also
+    # brings it back after that many epochs skipped in a row. Defaults: benchmarks/dynamic_sampling.py
+    # --mode epochs, where 0.9 / 0.9 / never cut the filtered share of generated tokens mid-training from
+    # 49% to 22% (an expiry of 2-6 epochs: 36-22%, returning prompts in waves; p_all_wrong 0.5: 34%).
+    skip_saturated: bool = False
+    skip_p_all_correct: float = 0.9  # probability of skipping a prompt whose last group was all correct
+    skip_p_all_wrong: float = 0.9  # probability of skipping a prompt whose last group was all wrong
+    skip_expiry_epochs: int = 0  # epochs skipped in a row after which the prompt is offered; 0: never
 
 
 @dataclass
@@ -362,6 +372,9 @@ def validate(cfg: DapoConfig) -> None:
     _require(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", "must be > 1, or null to disable")
     _require(a.rollout_is_cap is None or a.rollout_is_cap >= 1, "algorithm.rollout_is_cap", "must be >= 1")
     _require(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be at least 1")
+    for name in ("skip_p_all_correct", "skip_p_all_wrong"):
+        _require(0 <= getattr(a, name) <= 1, f"algorithm.{name}", "must be a probability in [0, 1]")
+    _require(a.skip_expiry_epochs >= 0, "algorithm.skip_expiry_epochs", "must be >= 0 (0: never)")
     _require(
         not a.overlong_penalty or 0 < a.overlong_buffer_tokens < r.max_response_tokens,
         "algorithm.overlong_buffer_tokens",

@@ -37,7 +37,7 @@ THREADS = 1
 OUTPUTS = ("checkpoints", "tensorboard", "logs", METRICS_FILE, "report.png", "summary.json")
 
 
-def prepare_inputs(out: Path, cache_dir: Path) -> dict[str, Path]:
+def prepare_inputs(out: Path, cache_dir: Path, train_problems: int = TRAIN_PROBLEMS) -> dict[str, Path]:
     """The warm-started model (trained once, then taken from the cache) and the train / held-out problems."""
     model = out / "model"
     shutil.rmtree(model, ignore_errors=True)
@@ -46,7 +46,7 @@ def prepare_inputs(out: Path, cache_dir: Path) -> dict[str, Path]:
     unseen = {record.problem for record in held_out}
     train = [
         r
-        for r in generate_problems(WARM_START.task, TRAIN_PROBLEMS, seed=TRAIN_SEED)
+        for r in generate_problems(WARM_START.task, train_problems, seed=TRAIN_SEED)
         if r.problem not in unseen
     ]
     return {
@@ -88,7 +88,14 @@ def clear_outputs(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def run_demo(out: Path, *, preset: str, cache_dir: Path, overrides: Sequence[str] = ()) -> dict:
+def run_demo(
+    out: Path,
+    *,
+    preset: str,
+    cache_dir: Path,
+    overrides: Sequence[str] = (),
+    train_problems: int = TRAIN_PROBLEMS,
+) -> dict:
     """Prepare, train, report; returns the summary also written to out/summary.json."""
     # Imported here: megatron-core takes seconds to load, and `--help` should not wait for it.
     from megatron_dapo.trainer.loop import Trainer
@@ -96,7 +103,7 @@ def run_demo(out: Path, *, preset: str, cache_dir: Path, overrides: Sequence[str
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out)
-    cfg = demo_config(out, prepare_inputs(out, cache_dir), [f"preset={preset}", *overrides])
+    cfg = demo_config(out, prepare_inputs(out, cache_dir, train_problems), [f"preset={preset}", *overrides])
     with Trainer(cfg) as trainer:
         trainer.fit()
     curve = accuracy_curve(out, cfg.eval.samples_per_problem)
@@ -129,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--preset", choices=sorted(PRESETS), default="dapo", help="a row of the paper's ablation"
     )
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/demo_cache"), help="warm-started models")
+    parser.add_argument(
+        "--train-problems",
+        type=int,
+        default=TRAIN_PROBLEMS,
+        help="problems generated for the training set (fewer: several epochs over it, like a small data set)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     args = parser.parse_args(argv)
     # The CPU demo, wherever it runs: hidden GPUs keep it on the CPU path (gloo, local layer spec, CPU engine)
@@ -136,7 +149,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(THREADS)
     overrides = [*([f"train.steps={args.steps}"] if args.steps else []), *args.overrides]
-    summary = run_demo(args.out, preset=args.preset, cache_dir=args.cache_dir, overrides=overrides)
+    summary = run_demo(
+        args.out,
+        preset=args.preset,
+        cache_dir=args.cache_dir,
+        overrides=overrides,
+        train_problems=args.train_problems,
+    )
     print(
         f"\nDAPO demo ({summary['preset']}, {summary['steps']} steps, {summary['wall_time_s']:.0f} s): "
         f"held-out accuracy {summary['accuracy_start']:.1%} at the start -> {summary['accuracy_end']:.1%} at "

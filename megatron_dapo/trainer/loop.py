@@ -38,7 +38,7 @@ from megatron_dapo.rollout.weight_sync import (
 )
 from megatron_dapo.trainer.batch import RankBatch, StepBatch
 from megatron_dapo.trainer.checkpointing import load_optimizer, optimizer_metadata, save_checkpoint
-from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts
+from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts, skip_settings
 from megatron_dapo.trainer.distribute import distribute_batch
 from megatron_dapo.trainer.engine import EngineConnection
 from megatron_dapo.trainer.objective import DapoObjective, ObjectiveSettings, token_targets
@@ -282,7 +282,10 @@ class Trainer:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(Path(cfg.data.tokenizer_path or cfg.model.hf_path))
         prompts = load_train_prompts(cfg, self.tokenizer)
-        self.loader = PromptLoader(prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        # the loader's state (the checkpoint's `loader`) holds the skip_saturated memory too
+        self.loader = PromptLoader(
+            prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle, skip=skip_settings(cfg)
+        )
         self.eval_prompts = load_eval_prompts(cfg, self.tokenizer)
         eos = self.tokenizer.eos_token_id
         self.stop_token_ids = (eos,) if eos is not None else ()
