@@ -43,6 +43,16 @@ class AlgorithmConfig:
     max_sampling_rounds: int = 10  # give up (with an error) after this many rounds cannot fill a batch
     rollout_is_cap: float | None = None  # truncated importance weight π_old/π_rollout, capped; None: off
     boxed_fallback: bool = False  # reward: read \boxed{} when no "Answer:" line exists (the paper: no)
+    # Skip prompts whose last group was all correct / all wrong when the stream reaches them again (not in
+    # the paper; algo/saturation.py, issue 13). Each skip is drawn with the probability below, so a skipped
+    # prompt returns after 1 / (1 - p) epochs on average and can be relearned; skip_expiry_epochs > 0 also
+    # brings it back after that many epochs skipped in a row. Defaults: benchmarks/dynamic_sampling.py
+    # --mode epochs, where 0.9 / 0.9 / never cut the filtered share of generated tokens mid-training from
+    # 49% to 22% (an expiry of 2-6 epochs: 36-22%, returning prompts in waves; p_all_wrong 0.5: 34%).
+    skip_saturated: bool = False
+    skip_p_all_correct: float = 0.9  # probability of skipping a prompt whose last group was all correct
+    skip_p_all_wrong: float = 0.9  # probability of skipping a prompt whose last group was all wrong
+    skip_expiry_epochs: int = 0  # epochs skipped in a row after which the prompt is offered; 0: never
 
 
 @dataclass
@@ -416,6 +426,9 @@ RANGES: dict[str, Interval] = {
     "algorithm.overlong_buffer_tokens": Interval(0),
     "algorithm.max_sampling_rounds": _AT_LEAST_1,
     "algorithm.rollout_is_cap": Interval(1, note="; null disables it"),
+    "algorithm.skip_p_all_correct": Interval(0, 1, "[]"),
+    "algorithm.skip_p_all_wrong": Interval(0, 1, "[]"),
+    "algorithm.skip_expiry_epochs": Interval(0, note=" (0: never)"),
     "data.max_prompt_tokens": _AT_LEAST_1,
     "model.logprob_chunk_tokens": Interval(0, note=" (0: the plain path)"),
     "parallel.tensor": _AT_LEAST_1,

@@ -21,6 +21,7 @@ from megatron_dapo.algo import (
     DynamicSampler,
     finalize_metrics,
     group_metric_sums,
+    is_informative,
     overlong_penalty,
     rollout_metric_sums,
 )
@@ -108,6 +109,7 @@ class RolloutCollector:
     async def collect(self, step: int) -> tuple[list[Group], dict[str, dict[str, float]]]:
         """The step's batch (prompts_per_step groups) and its rollout metrics, grouped for the tracker."""
         started = time.perf_counter()
+        skipped_before = self.loader.skipped_saturated
         running: list[_Request] = []
         owed = 0  # prompts the sampler asked for that wait for a free slot
         submitted = 0
@@ -123,6 +125,9 @@ class RolloutCollector:
                 request = await self._next_finished(running)
                 self._add(request, await request.task, finished, aborted)
             await self._settle_surplus(running, finished, aborted)
+            if self.loader.saturation is not None:  # every judged group, kept or filtered: what to skip next
+                for group in finished:
+                    self.loader.saturation.record(group.prompt_index, group.correct, step)
         except BaseException:
             # A failed request (or a cancelled step) must not leave the others generating.
             for request in running:
@@ -130,7 +135,8 @@ class RolloutCollector:
             await asyncio.gather(*(r.task for r in running), return_exceptions=True)
             raise
         batch, stats = self.sampler.take_batch()
-        metrics = _rollout_metrics(batch, finished, aborted, stats, submitted)
+        metrics = _rollout_metrics(batch, finished, aborted, stats, submitted, self.sampler.enabled)
+        metrics["sampling"]["prompts_skipped_saturated"] = self.loader.skipped_saturated - skipped_before
         elapsed = time.perf_counter() - started
         generated = metrics["sampling"]["tokens_generated"]
         metrics["timing"] = {"rollout_s": elapsed, "tokens_per_s": generated / max(elapsed, 1e-9)}
@@ -189,8 +195,10 @@ def _rollout_metrics(
     aborted: Sequence[Sequence[Completion]],
     stats: dict[str, int],
     submitted: int,
+    filtering: bool,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy, rewards and lengths over every group generated this step and over the batch trained on."""
+    """Accuracy, rewards and lengths over every group generated this step and over the batch trained on;
+    `filtering`: dynamic sampling is on, so saturated groups were generated and thrown away."""
     generated = _sample_metrics(finished)
     kept = _sample_metrics(batch)
     shares = finalize_metrics(
@@ -199,6 +207,8 @@ def _rollout_metrics(
     tokens_aborted = sum(len(c.token_ids) for completions in aborted for c in completions)
     tokens_finished = sum(len(r.token_ids) for g in finished for r in g.responses)
     tokens_trained = sum(len(r.token_ids) for g in batch for r in g.responses)
+    filtered = [g for g in finished if filtering and not is_informative(g.correct)]
+    tokens_filtered = sum(len(r.token_ids) for g in filtered for r in g.responses)
     rollout = {
         **generated,
         "accuracy_kept": kept["accuracy"],
@@ -217,6 +227,8 @@ def _rollout_metrics(
         "groups_all_wrong_share": shares.get("groups_all_wrong_share", 0.0),
         "tokens_generated": tokens_finished + tokens_aborted,
         "tokens_trained": tokens_trained,
+        "tokens_filtered": tokens_filtered,  # of all-correct and all-wrong groups, dropped by the filter
+        "filtered_token_share": tokens_filtered / max(tokens_finished + tokens_aborted, 1),
     }
     return {"rollout": rollout, "sampling": sampling}
 

@@ -15,7 +15,7 @@ from megatron_dapo.data.tokenizer import load_tokenizer
 from megatron_dapo.evaluate import evaluate
 from megatron_dapo.rollout.types import SamplingParams
 from megatron_dapo.trainer.batch import StepBatch
-from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts
+from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts, skip_settings
 from megatron_dapo.trainer.rollout.collector import RewardSettings, RolloutCollector, RolloutSettings
 from megatron_dapo.trainer.rollout.engine import EngineConnection
 
@@ -30,8 +30,12 @@ class RolloutRole:
     def __init__(self, cfg: DapoConfig) -> None:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(Path(cfg.data.tokenizer_path or cfg.model.hf_path))
+        # The loader's state (the checkpoint's `loader`) holds the skip_saturated memory too.
         self.loader = PromptLoader(
-            load_train_prompts(cfg, self.tokenizer), seed=cfg.train.seed, shuffle=cfg.data.shuffle
+            load_train_prompts(cfg, self.tokenizer),
+            seed=cfg.train.seed,
+            shuffle=cfg.data.shuffle,
+            skip=skip_settings(cfg),
         )
         self.eval_prompts = load_eval_prompts(cfg, self.tokenizer)
         eos = self.tokenizer.eos_token_id
