@@ -24,7 +24,7 @@ from megatron_dapo.config import ConfigError, DapoConfig, validate_launch
 from megatron_dapo.data.dataset import PromptLoader
 from megatron_dapo.data.packing import PackedBatch, sequence_pad_multiple
 from megatron_dapo.data.tokenizer import load_tokenizer
-from megatron_dapo.evaluate import evaluate
+from megatron_dapo.eval import evaluate
 from megatron_dapo.parallel.state import destroy_parallel, init_parallel, launched_world_size
 from megatron_dapo.rollout.types import SamplingParams
 from megatron_dapo.rollout.weight_sync import (
