@@ -10,7 +10,7 @@ from megatron_dapo.config import DapoConfig
 from megatron_dapo.data.arithmetic import ARITHMETIC_PROMPT_TEMPLATE
 from megatron_dapo.data.dataset import TokenizedPrompt, load_prompts
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE
-from megatron_dapo.evaluate import load_eval_set
+from megatron_dapo.eval import load_eval_set
 
 
 def prompt_format(data_format: str) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from megatron_dapo.algo import (
     rollout_metric_sums,
 )
 from megatron_dapo.data.dataset import PromptLoader, TokenizedPrompt
-from megatron_dapo.reward import compute_score
+from megatron_dapo.reward import score_responses
 from megatron_dapo.rollout.engine import RolloutEngine
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
 from megatron_dapo.trainer.batch import Group, Response
@@ -63,11 +63,16 @@ def score_group(
     tokenizer: PreTrainedTokenizerBase,
     settings: RewardSettings,
 ) -> Group:
-    """Rule reward on each decoded response, plus the soft overlong punishment on its length."""
-    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    """Rule reward on each decoded response (the scoring evaluation uses too), plus the soft overlong
+    punishment on its length."""
+    rules = score_responses(
+        prompt.record.ground_truth,
+        [c.token_ids for c in completions],
+        tokenizer,
+        boxed_fallback=settings.boxed_fallback,
+    )
     responses = []
-    for completion, text in zip(completions, texts, strict=True):
-        rule = compute_score(text, prompt.record.ground_truth, boxed_fallback=settings.boxed_fallback)
+    for completion, rule in zip(completions, rules, strict=True):
         penalty = 0.0
         if settings.overlong_buffer_tokens is not None:
             penalty = overlong_penalty(

@@ -12,7 +12,7 @@ from megatron_dapo.algo import DynamicSampler
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.data.dataset import PromptLoader
 from megatron_dapo.data.tokenizer import load_tokenizer
-from megatron_dapo.evaluate import evaluate
+from megatron_dapo.eval import evaluate
 from megatron_dapo.rollout.types import SamplingParams
 from megatron_dapo.trainer.batch import StepBatch
 from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts, skip_settings
