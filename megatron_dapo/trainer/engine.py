@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import torch
 
 from megatron_dapo.config import RolloutConfig
+from megatron_dapo.rollout.background import BackgroundLoop
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
-from megatron_dapo.rollout.weight_sync import BackgroundLoop
 
 # The CPU engine shares the machine's cores with the trainer, which waits while it generates: one thread
 # each keeps them from fighting over the cores (rollout/cpu_engine/__main__.py measured 6 ms vs 320 ms).

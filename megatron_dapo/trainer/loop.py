@@ -27,15 +27,11 @@ from megatron_dapo.data.tokenizer import load_tokenizer
 from megatron_dapo.evaluate import evaluate
 from megatron_dapo.parallel.state import destroy_parallel, init_parallel, launched_world_size
 from megatron_dapo.rollout.types import SamplingParams
-from megatron_dapo.rollout.weight_sync import (
-    BroadcastTransport,
-    Colocation,
-    TensorTransport,
-    WeightTransport,
-    is_sender,
-    servers_from_urls,
-    sync_weights,
-)
+from megatron_dapo.sync import is_sender, sync_weights
+from megatron_dapo.sync.broadcast import BroadcastTransport
+from megatron_dapo.sync.placement import Colocation, servers_from_urls
+from megatron_dapo.sync.tensor import TensorTransport
+from megatron_dapo.sync.transport import WeightTransport
 from megatron_dapo.trainer.batch import RankBatch, StepBatch
 from megatron_dapo.trainer.checkpointing import (
     load_optimizer,

@@ -84,10 +84,10 @@ def test_killed_server_is_detected_and_restarted(pool):
 TRAINER = """
 import sys, threading
 from transformers import AutoModelForCausalLM
+from megatron_dapo.rollout.background import BackgroundLoop
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.weight_payload import serialize_named_tensors
-from megatron_dapo.rollout.weight_sync import BackgroundLoop
 
 model_dir, log_file = sys.argv[1:]
 spec = ServerSpec(model_dir, free_port(), engine="cpu", log_file=log_file, env={"OMP_NUM_THREADS": "1"})
