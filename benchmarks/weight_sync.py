@@ -21,9 +21,12 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.parallel.state import ParallelDims, destroy_parallel, init_parallel
+from megatron_dapo.rollout.background import BackgroundLoop
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
-from megatron_dapo.rollout.weight_sync import BackgroundLoop, SyncReport, TensorTransport, sync_weights
+from megatron_dapo.sync import sync_weights
+from megatron_dapo.sync.report import SyncReport
+from megatron_dapo.sync.tensor import TensorTransport
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -1,2 +1,3 @@
-"""Checkpoints: the one Megatron <-> Hugging Face mapping (hf_mapping), the conversion tools (convert), and a
-built model's save/load to a Megatron checkpoint directory (model_io)."""
+"""Checkpoints: the conversion tools (convert), RL checkpoints that resume exactly (rl_state), and a built
+model's save/load to a Megatron checkpoint directory (model_io); names and layouts come from
+model/hf_mapping."""

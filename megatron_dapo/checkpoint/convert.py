@@ -6,7 +6,7 @@
 
 All three run in ONE process and move one tensor at a time (checkpoint/torch_dist.py): memory stays near the
 largest tensor (plus one output shard when writing Hugging Face files), whatever the model size. Names and
-layouts come from checkpoint/hf_mapping.py, the mapping weight sync uses too. Output appears atomically: it is
+layouts come from model/hf_mapping.py, the mapping weight sync uses too. Output appears atomically: it is
 written next to OUT_DIR and renamed into place once complete.
 """
 
@@ -30,7 +30,11 @@ from megatron_dapo.checkpoint.hf_dir import (
     read_config,
     write_safetensors,
 )
-from megatron_dapo.checkpoint.hf_mapping import (
+from megatron_dapo.checkpoint.meta import CheckpointMeta, hf_assets_dir, read_meta, write_meta
+from megatron_dapo.checkpoint.torch_dist import CheckpointReader, Placement, write_checkpoint
+from megatron_dapo.errors import exit_on_user_error
+from megatron_dapo.model.arch import GPTArch, padded_vocab_size
+from megatron_dapo.model.hf_mapping import (
     HF_EMBEDDING,
     HF_HEAD,
     HFMapping,
@@ -40,10 +44,6 @@ from megatron_dapo.checkpoint.hf_mapping import (
     pad_vocab,
     strip_vocab,
 )
-from megatron_dapo.checkpoint.meta import CheckpointMeta, hf_assets_dir, read_meta, write_meta
-from megatron_dapo.checkpoint.torch_dist import CheckpointReader, Placement, write_checkpoint
-from megatron_dapo.errors import exit_on_user_error
-from megatron_dapo.model.arch import GPTArch, padded_vocab_size
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' historical default

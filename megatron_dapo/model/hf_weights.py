@@ -1,4 +1,4 @@
-"""Fill this rank's GPTModel stage with Hugging Face weights, a tensor at a time, via checkpoint/hf_mapping.
+"""Fill this rank's GPTModel stage with Hugging Face weights, a tensor at a time, via model/hf_mapping.
 
 Every rank reads the Hugging Face tensors its parameters are made of and keeps its own TP shard; nothing is
 communicated, and no more than one parameter's Hugging Face tensors are in memory at once.
@@ -11,8 +11,8 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, Layout, to_global_name
 from megatron_dapo.model.arch import GPTArch
+from megatron_dapo.model.hf_mapping import HFMapping, Layout, to_global_name
 
 HFTensors = Callable[[str], torch.Tensor]
 

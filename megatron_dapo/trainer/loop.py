@@ -4,7 +4,7 @@ Two roles do the work and this file only calls them: the rollout role (trainer/r
 engine, the prompt stream, dynamic sampling, evaluation) and the policy role (trainer/policy/, every rank:
 the Megatron policy and its updates). Each step's batch goes from the one to the other as tensors, each
 data-parallel rank receiving its own share (trainer/distribute.py); the weights go back through the
-publisher (trainer/publish.py). An overlapped loop is another file of calls on the same roles.
+publisher (sync/publisher.py). An overlapped loop is another file of calls on the same roles.
 """
 
 import contextlib
@@ -21,12 +21,12 @@ from megatron_dapo.checkpoint.hf_dir import read_config
 from megatron_dapo.checkpoint.rl_state import latest_complete
 from megatron_dapo.config import ConfigError, DapoConfig, validate_launch
 from megatron_dapo.parallel.state import destroy_parallel, init_parallel, launched_world_size
+from megatron_dapo.sync.publisher import WeightPublisher
 from megatron_dapo.trainer.batch import RankBatch
 from megatron_dapo.trainer.distribute import distribute_batch
 from megatron_dapo.trainer.policy.build import parallel_dims
 from megatron_dapo.trainer.policy.checkpointing import resume_point
 from megatron_dapo.trainer.policy.role import PolicyRole
-from megatron_dapo.trainer.publish import WeightPublisher
 from megatron_dapo.trainer.rollout.role import RolloutRole
 from megatron_dapo.trainer.signals import StopRequest
 from megatron_dapo.trainer.tracking import MetricsTracker

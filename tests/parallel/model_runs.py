@@ -15,12 +15,12 @@ from megatron.core.optimizer import OptimizerConfig
 from torch import Tensor
 
 from megatron_dapo.checkpoint.hf_dir import SafetensorsDir, read_config
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, to_global_name
 from megatron_dapo.checkpoint.rl_state import RLState, load_rl_state
 from megatron_dapo.config import load_config
 from megatron_dapo.data.packing import PackedBatch, Sample, pack, plan_microbatches, sequence_pad_multiple
 from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.build import build_gpt_model
+from megatron_dapo.model.hf_mapping import HFMapping, to_global_name
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.logprobs import logprobs_from_logits
 from megatron_dapo.model.policy import TokenDistribution, unwrap

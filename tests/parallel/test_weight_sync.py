@@ -29,29 +29,25 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from megatron_dapo.checkpoint.hf_dir import SafetensorsDir, read_config
-from megatron_dapo.checkpoint.hf_mapping import HFMapping
 from megatron_dapo.data.packing import Sample, pack
 from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.build import build_gpt_model
+from megatron_dapo.model.hf_mapping import HFMapping
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.parallel.state import ParallelDims, init_parallel
+from megatron_dapo.rollout.background import BackgroundLoop
 from megatron_dapo.rollout.host_payload import parse_host_payload, read_host_payload
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
 from megatron_dapo.rollout.testing import reference_logprobs
 from megatron_dapo.rollout.types import SamplingParams
-from megatron_dapo.rollout.weight_sync import (
-    BackgroundLoop,
-    BroadcastTransport,
-    Colocation,
-    ServerPlacement,
-    TensorTransport,
-    WeightSyncError,
-    is_sender,
-    sync_weights,
-)
+from megatron_dapo.sync import is_sender, sync_weights
+from megatron_dapo.sync.broadcast import BroadcastTransport
+from megatron_dapo.sync.placement import Colocation, ServerPlacement
+from megatron_dapo.sync.report import WeightSyncError
+from megatron_dapo.sync.tensor import TensorTransport
 from megatron_dapo.trainer.policy.train_step import forward_logprobs
 from tests.parallel.launcher import DistributedPool
 from tests.parallel.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model

@@ -17,11 +17,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from megatron_dapo.checkpoint import convert
-from megatron_dapo.checkpoint.hf_mapping import HFMapping, checkpoint_key
 from megatron_dapo.checkpoint.meta import read_meta
 from megatron_dapo.checkpoint.torch_dist import CheckpointReader
 from megatron_dapo.data.demo_tokenizer import save_demo_tokenizer
 from megatron_dapo.model.arch import GPTArch
+from megatron_dapo.model.hf_mapping import HFMapping, checkpoint_key
 
 CONFIGS = {
     "qwen2": transformers.Qwen2Config,

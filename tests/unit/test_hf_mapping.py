@@ -4,7 +4,8 @@ import pytest
 import torch
 import transformers
 
-from megatron_dapo.checkpoint.hf_mapping import (
+from megatron_dapo.model.arch import GPTArch
+from megatron_dapo.model.hf_mapping import (
     HFMapping,
     Layout,
     canonical_name,
@@ -14,7 +15,6 @@ from megatron_dapo.checkpoint.hf_mapping import (
     split_tp,
     to_global_name,
 )
-from megatron_dapo.model.arch import GPTArch
 
 CONFIGS = {
     "qwen2": transformers.Qwen2Config,

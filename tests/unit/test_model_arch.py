@@ -109,7 +109,7 @@ def test_padded_size_is_the_same_for_every_power_of_two_tp():
 
 def test_planner_and_mapping_import_without_megatron():
     code = (
-        "import sys, megatron_dapo.plan, megatron_dapo.checkpoint.hf_mapping\n"
+        "import sys, megatron_dapo.plan, megatron_dapo.model.hf_mapping\n"
         "assert not any(m.split('.')[0] == 'megatron' for m in sys.modules), 'megatron was imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

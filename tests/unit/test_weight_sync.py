@@ -10,32 +10,24 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from megatron_dapo.checkpoint.hf_mapping import HFMapping
 from megatron_dapo.data.packing import pack
 from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.build import build_gpt_model
+from megatron_dapo.model.hf_mapping import HFMapping
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.parallel.state import ParallelDims
+from megatron_dapo.rollout.background import BackgroundLoop
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.engine import EngineRequestError
 from megatron_dapo.rollout.host_payload import parse_host_payload, read_host_payload
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
-from megatron_dapo.rollout.weight_sync import (
-    BackgroundLoop,
-    BroadcastTransport,
-    Colocation,
-    ServerPlacement,
-    StageReport,
-    SyncReport,
-    TensorTransport,
-    WeightSyncError,
-    buckets,
-    is_sender,
-    node_name,
-    servers_from_urls,
-    sync_weights,
-)
+from megatron_dapo.sync import is_sender, sync_weights
+from megatron_dapo.sync.broadcast import BroadcastTransport
+from megatron_dapo.sync.buckets import buckets
+from megatron_dapo.sync.placement import Colocation, ServerPlacement, node_name, servers_from_urls
+from megatron_dapo.sync.report import StageReport, SyncReport, WeightSyncError
+from megatron_dapo.sync.tensor import TensorTransport
 from megatron_dapo.trainer.policy.train_step import forward_logprobs
 from tests.parallel.tiny_models import (
     hf_response_logprobs,

@@ -1,6 +1,6 @@
 """The rollout engine of a run: the servers named in rollout.server_urls, or servers launched here (SGLang on
 GPUs, the CPU engine otherwise) and stopped at exit; one async client per weight-sync sender, on an event
-loop of its own thread (rollout/weight_sync.py's BackgroundLoop), so that the training thread can block on it.
+loop of its own thread (rollout/background.py's BackgroundLoop), so that the training thread can block on it.
 """
 
 import contextlib
@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import torch
 
 from megatron_dapo.config import RolloutConfig
+from megatron_dapo.rollout.background import BackgroundLoop
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
-from megatron_dapo.rollout.weight_sync import BackgroundLoop
 
 # The CPU engine shares the machine's cores with the trainer, which waits while it generates: one thread
 # each keeps them from fighting over the cores (rollout/cpu_engine/__main__.py measured 6 ms vs 320 ms).

@@ -15,16 +15,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
 
 from megatron_dapo.config import DapoConfig
-from megatron_dapo.rollout.weight_sync import (
-    BroadcastTransport,
-    Colocation,
-    SyncReport,
-    TensorTransport,
-    WeightTransport,
-    is_sender,
-    servers_from_urls,
-    sync_weights,
-)
+from megatron_dapo.sync import is_sender, sync_weights
+from megatron_dapo.sync.broadcast import BroadcastTransport
+from megatron_dapo.sync.placement import Colocation, servers_from_urls
+from megatron_dapo.sync.report import SyncReport
+from megatron_dapo.sync.tensor import TensorTransport
+from megatron_dapo.sync.transport import WeightTransport
 from megatron_dapo.trainer.rollout.engine import EngineConnection
 
 
