@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from megatron_dapo import evaluate, logprobs
+from megatron_dapo import evaluate
+from megatron_dapo.cli import logprobs
 from megatron_dapo.errors import UserError, exit_on_user_error
 
 
