@@ -44,16 +44,16 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "dapo-train=megatron_dapo.train:main",
-            "dapo-demo=megatron_dapo.demo:main",
-            "dapo-logprobs=megatron_dapo.logprobs:main",
+            "dapo-train=megatron_dapo.cli.train:main",
+            "dapo-demo=megatron_dapo.cli.demo:main",
+            "dapo-logprobs=megatron_dapo.cli.logprobs:main",
             "dapo-eval=megatron_dapo.cli.eval:main",
-            "dapo-report=megatron_dapo.trainer.report:main",
-            "dapo-convert-hf-to-megatron=megatron_dapo.checkpoint.convert:hf_to_megatron_main",
-            "dapo-convert-megatron-to-hf=megatron_dapo.checkpoint.convert:megatron_to_hf_main",
-            "dapo-reshard=megatron_dapo.checkpoint.convert:reshard_main",
+            "dapo-report=megatron_dapo.cli.report:main",
+            "dapo-convert-hf-to-megatron=megatron_dapo.cli.convert:hf_to_megatron_main",
+            "dapo-convert-megatron-to-hf=megatron_dapo.cli.convert:megatron_to_hf_main",
+            "dapo-reshard=megatron_dapo.cli.convert:reshard_main",
             "dapo-plan=megatron_dapo.cli.plan:main",
-            "dapo-prepare-data=megatron_dapo.data.prepare:main",
+            "dapo-prepare-data=megatron_dapo.cli.prepare_data:main",
         ]
     },
 )

@@ -1,3 +1,3 @@
-from megatron_dapo.checkpoint.convert import hf_to_megatron_main
+from megatron_dapo.cli.convert import hf_to_megatron_main
 
 hf_to_megatron_main()

@@ -1,3 +1,3 @@
-from megatron_dapo.checkpoint.convert import megatron_to_hf_main
+from megatron_dapo.cli.convert import megatron_to_hf_main
 
 megatron_to_hf_main()

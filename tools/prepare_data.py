@@ -1,3 +1,3 @@
-from megatron_dapo.data.prepare import main
+from megatron_dapo.cli.prepare_data import main
 
 main()

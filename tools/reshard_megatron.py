@@ -1,3 +1,3 @@
-from megatron_dapo.checkpoint.convert import reshard_main
+from megatron_dapo.cli.convert import reshard_main
 
 reshard_main()

@@ -18,6 +18,10 @@ DAPO_PROMPT_TEMPLATE = (
     'Remember to put your answer on its own line after "Answer:".'
 )
 PROBLEM_PLACEHOLDER = "{problem}"
+# data.format=arithmetic, the CPU demo's task (megatron_dapo/demo/arithmetic.py): the problem is the whole
+# prompt, as a tiny model reads no instructions and short prompts keep the demo fast. Here rather than in the
+# demo because the trainer maps that format to it, and the library never imports the demo.
+ARITHMETIC_PROMPT_TEMPLATE = "{problem}"
 
 
 def apply_prompt_template(problem: str, template: str = DAPO_PROMPT_TEMPLATE) -> str:

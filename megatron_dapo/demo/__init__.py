@@ -1,8 +1,5 @@
-"""The CPU demo: a tiny Qwen2 model learns arithmetic with DAPO, start to finish on a laptop."""
+"""The CPU demo: a tiny Qwen2 model learns arithmetic with DAPO, start to finish on a laptop.
 
-
-def main(argv: list[str] | None = None) -> None:
-    """`dapo-demo` (demo/run.py); imported on call, so that the warm start runs without the trainer loaded."""
-    from megatron_dapo.demo.run import main as run_main
-
-    run_main(argv)
+Its task (arithmetic.py), character tokenizer (tokenizer.py), warm start (warm_start.py) and run (run.py);
+the command line is megatron_dapo/cli/demo.py.
+"""

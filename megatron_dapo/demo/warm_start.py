@@ -4,10 +4,10 @@ RL can only improve a policy that is sometimes right. Like a pretrained base mod
 can do some of the arithmetic but seldom writes the answer line the reward reads ("Answer: 33"); most of
 the time it answers with the bare equation ("12+7*3=33"), which scores as wrong. DAPO first teaches it the
 format (accuracy jumps within a few steps), then improves the arithmetic itself. The result is a Hugging
-Face directory cached under a hash of the settings, so reruns reuse it.
+Face directory cached under a hash of the settings, so reruns reuse it; `python -m
+megatron_dapo.cli.warm_start` trains one alone.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -22,15 +22,10 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
-from megatron_dapo.data.arithmetic import (
-    ARITHMETIC_PROMPT_TEMPLATE,
-    ArithmeticTask,
-    generate_problems,
-    response_text,
-)
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
-from megatron_dapo.data.template import encode_prompts
+from megatron_dapo.data.template import ARITHMETIC_PROMPT_TEMPLATE, encode_prompts
+from megatron_dapo.demo.arithmetic import ArithmeticTask, generate_problems, response_text
+from megatron_dapo.demo.tokenizer import build_demo_tokenizer
 from megatron_dapo.reward import compute_score
 
 # Part of the cache key: bump when the training recipe changes, so stale models are not reused.
@@ -237,17 +232,3 @@ def warm_start(
     else:
         os.replace(partial, final)
     return final
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Warm-start the CPU demo's tiny model (cached by settings).")
-    parser.add_argument("--cache-dir", type=Path, default=Path("runs/demo_cache"))
-    parser.add_argument("--sft-steps", type=int, default=WarmStartSettings.sft_steps)
-    args = parser.parse_args(argv)
-    directory = warm_start(args.cache_dir, WarmStartSettings(sft_steps=args.sft_steps))
-    print(directory)
-    print((directory / METADATA_FILE).read_text())
-
-
-if __name__ == "__main__":
-    main()

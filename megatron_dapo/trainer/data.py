@@ -7,9 +7,8 @@ from transformers import PreTrainedTokenizerBase
 
 from megatron_dapo.algo.saturation import SkipSettings
 from megatron_dapo.config import DapoConfig
-from megatron_dapo.data.arithmetic import ARITHMETIC_PROMPT_TEMPLATE
 from megatron_dapo.data.dataset import TokenizedPrompt, load_prompts
-from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE
+from megatron_dapo.data.template import ARITHMETIC_PROMPT_TEMPLATE, DAPO_PROMPT_TEMPLATE
 from megatron_dapo.eval import load_eval_set
 
 

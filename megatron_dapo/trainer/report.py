@@ -1,10 +1,9 @@
-"""`dapo-report RUN_DIR [RUN_DIR ...] --out report.png`: the training curves of one or more runs in one PNG.
+"""The training curves of one or more runs in one PNG (the command line: dapo-report, cli/report.py).
 
 Several runs are overlaid, one colour per run, to compare the ablation presets. Each run's metrics come from
 its metrics.jsonl (trainer/tracking.py), or from its TensorBoard event files when that file is absent.
 """
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -15,7 +14,6 @@ import matplotlib
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-from megatron_dapo.errors import exit_on_user_error
 from megatron_dapo.trainer.tracking import METRICS_FILE, TENSORBOARD_DIR
 
 
@@ -144,19 +142,3 @@ def render_report(run_dirs: Sequence[Path], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dapo-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories to draw")
-    parser.add_argument("--out", type=Path, default=Path("report.png"), help="PNG to write")
-    args = parser.parse_args(argv)
-    for run_dir in args.run_dirs:
-        if not run_dir.is_dir():
-            parser.error(f"{run_dir} is not a directory")
-    with exit_on_user_error("dapo-report", ValueError):  # ValueError: a metrics file that is not JSON lines
-        print(render_report(args.run_dirs, args.out))
-
-
-if __name__ == "__main__":
-    main()

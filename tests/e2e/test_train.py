@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_dapo.data.arithmetic import ArithmeticTask, generate_problems, write_jsonl
+from megatron_dapo.demo.arithmetic import ArithmeticTask, generate_problems, write_jsonl
 from megatron_dapo.demo.warm_start import EVAL_SEED, WarmStartSettings, warm_start
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_dapo import demo, train
-from megatron_dapo.cli import plan
+from megatron_dapo.cli import demo, plan, train
 from megatron_dapo.config import (
     PRESETS,
     RANGES,

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from megatron_dapo.checkpoint import convert
 from megatron_dapo.checkpoint.meta import read_meta
 from megatron_dapo.checkpoint.torch_dist import CheckpointReader
-from megatron_dapo.data.demo_tokenizer import save_demo_tokenizer
+from megatron_dapo.cli import convert as convert_cli
+from megatron_dapo.demo.tokenizer import save_demo_tokenizer
 from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.hf_mapping import HFMapping, checkpoint_key
 
@@ -151,31 +152,31 @@ def test_dtypes(tmp_path):
 
 def test_command_lines(tmp_path, capsys, user_error):
     hf_dir = save_tiny_hf_model(tmp_path / "hf", "qwen2", tie=True)
-    convert.hf_to_megatron_main(
+    convert_cli.hf_to_megatron_main(
         [str(hf_dir), str(tmp_path / "m"), "--tp", "2", "--pp", "2", "--dtype", "bfloat16"]
     )
     assert "wrote 30 tensors" in capsys.readouterr().out  # embedding, 4 x 7 per layer, final norm
-    convert.reshard_main([str(tmp_path / "m"), str(tmp_path / "r"), "--tp", "1"])
-    convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back"), "--max-shard-size", "1MB"])
+    convert_cli.reshard_main([str(tmp_path / "m"), str(tmp_path / "r"), "--tp", "1"])
+    convert_cli.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back"), "--max-shard-size", "1MB"])
     assert "to " in capsys.readouterr().out
     assert (tmp_path / "back" / "model.safetensors").is_file()  # one shard: no index
     assert read_meta(tmp_path / "r").dtype == "bfloat16"
 
     # A non-empty output directory is refused, then replaced with --overwrite.
     argv = [str(tmp_path / "r"), str(tmp_path / "back")]
-    assert "not empty: pass --overwrite" in user_error(convert.megatron_to_hf_main, argv)
+    assert "not empty: pass --overwrite" in user_error(convert_cli.megatron_to_hf_main, argv)
     (tmp_path / "back" / "stale.safetensors").write_text("old")
-    convert.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back"), "--overwrite"])
+    convert_cli.megatron_to_hf_main([str(tmp_path / "r"), str(tmp_path / "back"), "--overwrite"])
     assert not (tmp_path / "back" / "stale.safetensors").exists()
     assert not list(tmp_path.glob(".*.partial"))
 
 
 def test_parse_size():
-    assert convert.parse_size("5GB") == 5 * 10**9
-    assert convert.parse_size("2GiB") == 2 * 2**30
-    assert convert.parse_size("1.5 mb") == 1_500_000
+    assert convert_cli.parse_size("5GB") == 5 * 10**9
+    assert convert_cli.parse_size("2GiB") == 2 * 2**30
+    assert convert_cli.parse_size("1.5 mb") == 1_500_000
     with pytest.raises(argparse.ArgumentTypeError, match="cannot read size"):
-        convert.parse_size("five")
+        convert_cli.parse_size("five")
 
 
 def _edit_config(hf_dir: Path, **changes) -> None:
@@ -305,7 +306,7 @@ def test_a_damaged_hf_folder_is_named(damage, sources, tmp_path, user_error):
     hf = tmp_path / "hf"
     shutil.copytree(sources[0], hf)
     expected = HF_DAMAGE[damage](hf, tmp_path, random.Random())
-    err = user_error(convert.hf_to_megatron_main, [str(hf), str(tmp_path / "out")])
+    err = user_error(convert_cli.hf_to_megatron_main, [str(hf), str(tmp_path / "out")])
     assert err.startswith(f"dapo-convert-hf-to-megatron: error: {expected}"), err
     assert not (tmp_path / "out").exists()
 
@@ -328,8 +329,8 @@ def test_a_tied_head_equal_to_the_embedding_converts(sources, tmp_path):
 def test_parallel_sizes_below_one_are_refused(flag, command, sources, tmp_path, user_error):
     """--tp -2 wrote a broken checkpoint and exited 0; --tp 0 divided by zero."""
     main, source = {
-        "dapo-convert-hf-to-megatron": (convert.hf_to_megatron_main, sources[0]),
-        "dapo-reshard": (convert.reshard_main, sources[1]),
+        "dapo-convert-hf-to-megatron": (convert_cli.hf_to_megatron_main, sources[0]),
+        "dapo-reshard": (convert_cli.reshard_main, sources[1]),
     }[command]
     rng = random.Random()
     for size in (0, -rng.randint(1, 8)):
@@ -345,11 +346,11 @@ def test_out_must_be_a_folder_outside_the_input(sources, tmp_path, user_error):
     content = random.Random().randbytes(64)
     out_file.write_bytes(content)
     for argv in ([str(hf), str(out_file)], [str(hf), str(out_file), "--overwrite"]):
-        err = user_error(convert.hf_to_megatron_main, argv)
+        err = user_error(convert_cli.hf_to_megatron_main, argv)
         assert err.startswith(f"dapo-convert-hf-to-megatron: error: output directory {out_file} is a file")
     assert out_file.read_bytes() == content
     inside = megatron / "converted"
-    err = user_error(convert.megatron_to_hf_main, [str(megatron), str(inside)])
+    err = user_error(convert_cli.megatron_to_hf_main, [str(megatron), str(inside)])
     assert f"output directory {inside} is inside the input {megatron}" in err
     assert not inside.exists()
 
@@ -360,7 +361,7 @@ def test_a_damaged_megatron_checkpoint_is_named(damaged, sources, tmp_path, user
     shutil.copytree(sources[1], megatron)
     data = (megatron / damaged).read_bytes()
     (megatron / damaged).write_bytes(data[: random.Random().randint(1, len(data) - 1)])
-    err = user_error(convert.reshard_main, [str(megatron), str(tmp_path / "out")])
+    err = user_error(convert_cli.reshard_main, [str(megatron), str(tmp_path / "out")])
     expected = f"{megatron / '.metadata'}: damaged" if damaged == ".metadata" else f"{megatron}: cannot read"
     assert err.startswith(f"dapo-reshard: error: {expected}"), err
     assert not (tmp_path / "out").exists()

@@ -20,8 +20,8 @@ from megatron_dapo.data.dataset import (
     load_prompts,
     read_records,
 )
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
+from megatron_dapo.demo.tokenizer import build_demo_tokenizer, save_demo_tokenizer
 
 # shipped name, rows (megatron_dapo/data/sets/README.md), {row: ground truth} read by eye from the files
 SHIPPED_SETS = [

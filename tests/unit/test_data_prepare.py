@@ -9,9 +9,10 @@ import huggingface_hub.constants
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from megatron_dapo.cli.prepare_data import main
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import read_records
-from megatron_dapo.data.prepare import convert, main
+from megatron_dapo.data.prepare import convert
 from megatron_dapo.data.template import apply_prompt_template
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,6 @@ from transformers import AutoTokenizer
 
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import read_records
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
 from megatron_dapo.data.template import (
     DAPO_PROMPT_TEMPLATE,
@@ -19,6 +18,7 @@ from megatron_dapo.data.template import (
     is_templated,
     prompt_text,
 )
+from megatron_dapo.demo.tokenizer import build_demo_tokenizer
 
 # Typed out from the paper's reference data, so a change to the constant cannot pass unnoticed.
 EXPECTED_TEMPLATE_BYTES = (

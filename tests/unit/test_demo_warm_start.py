@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_dapo.data.arithmetic import ArithmeticTask, generate_problems
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
 from megatron_dapo.demo import warm_start as warm_start_module
+from megatron_dapo.demo.arithmetic import ArithmeticTask, generate_problems
+from megatron_dapo.demo.tokenizer import build_demo_tokenizer
 from megatron_dapo.demo.warm_start import (
     METADATA_FILE,
     WarmStartSettings,

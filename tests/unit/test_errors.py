@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from megatron_dapo import logprobs
 from megatron_dapo.cli import eval as eval_cli
+from megatron_dapo.cli import logprobs
 from megatron_dapo.errors import UserError, exit_on_user_error
 
 

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from megatron_dapo import eval as ev
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import BadDataError, TokenizedPrompt, tokenize_records
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
 from megatron_dapo.data.template import apply_prompt_template
+from megatron_dapo.demo.tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.rollout.engine import EngineError
 from megatron_dapo.rollout.testing import save_tiny_qwen2
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams

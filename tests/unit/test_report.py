@@ -7,7 +7,8 @@ import struct
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from megatron_dapo.trainer.report import main, read_metrics, render_report, run_labels
+from megatron_dapo.cli.report import main
+from megatron_dapo.trainer.report import read_metrics, render_report, run_labels
 
 
 def _write_run(run_dir, seed: int, steps: int = 40) -> dict[int, dict[str, float]]:

@@ -6,8 +6,8 @@ import random
 import pytest
 
 from megatron_dapo.data.dataset import TokenizedPrompt
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
+from megatron_dapo.demo.tokenizer import build_demo_tokenizer
 from megatron_dapo.eval import score_problem
 from megatron_dapo.reward import score_responses
 from megatron_dapo.rollout.types import Completion, FinishReason

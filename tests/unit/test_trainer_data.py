@@ -8,12 +8,15 @@ import random
 
 import pytest
 
-from megatron_dapo import train
+from megatron_dapo.cli import train
 from megatron_dapo.config import load_config
-from megatron_dapo.data.arithmetic import ARITHMETIC_PROMPT_TEMPLATE
 from megatron_dapo.data.dataset import BadDataError
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
-from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE, apply_prompt_template
+from megatron_dapo.data.template import (
+    ARITHMETIC_PROMPT_TEMPLATE,
+    DAPO_PROMPT_TEMPLATE,
+    apply_prompt_template,
+)
+from megatron_dapo.demo.tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts, prompt_format
 
 TOKENIZER = build_demo_tokenizer()

@@ -9,8 +9,8 @@ import pytest
 
 from megatron_dapo.algo import DynamicSampler, DynamicSamplingError, SkipSettings
 from megatron_dapo.data.dataset import PromptLoader, TokenizedPrompt
-from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
+from megatron_dapo.demo.tokenizer import build_demo_tokenizer
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
 from megatron_dapo.trainer.batch import Group, Response
 from megatron_dapo.trainer.rollout.collector import (

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from megatron_dapo.data.arithmetic import ArithmeticTask, generate_problems, response_text
-from megatron_dapo.data.demo_tokenizer import CHAT_TEMPLATE, build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.data.tokenizer import load_tokenizer
+from megatron_dapo.demo.arithmetic import ArithmeticTask, generate_problems, response_text
+from megatron_dapo.demo.tokenizer import CHAT_TEMPLATE, build_demo_tokenizer, save_demo_tokenizer
 
 
 def test_round_trip_and_one_token_per_character() -> None:

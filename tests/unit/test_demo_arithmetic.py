@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_dapo.data.arithmetic import ArithmeticTask, generate_problems, response_text, write_jsonl
 from megatron_dapo.data.dataset import read_records
+from megatron_dapo.demo.arithmetic import ArithmeticTask, generate_problems, response_text, write_jsonl
 from megatron_dapo.reward import compute_score
 
 BINARY_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
