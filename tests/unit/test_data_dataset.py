@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_dapo.cli import eval as eval_cli
-from megatron_dapo.data import prepare
+from megatron_dapo.cli import prepare_data as prepare
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import (
     BadDataError,
