@@ -61,14 +61,15 @@ def installed_megatron_core() -> str:
 
 def check_megatron_core(ckpt_dir: Path) -> None:
     """Refuse a checkpoint saved by a newer megatron-core release (major.minor) than the installed one, whose
-    loader may not read it (0.18 and older cannot read 0.19's), naming the two ways through."""
+    loader may not read it (0.18 and older cannot read 0.19's), naming the ways through."""
     saved, installed = read_meta(ckpt_dir).megatron_core, installed_megatron_core()
     if saved is None or Version(saved).release[:2] <= Version(installed).release[:2]:
         return
     raise ValueError(
         f"{ckpt_dir} was saved by megatron-core {saved}, newer than the installed {installed}, which may "
-        f"not read it: convert it with `dapo-convert-megatron-to-hf {ckpt_dir} OUT_DIR` and load OUT_DIR as "
-        f"a Hugging Face model (model.hf_path), or upgrade with `pip install 'megatron-core>={saved}'`"
+        f"not read it: rewrite its weights in a layout every release reads, with `dapo-reshard {ckpt_dir} "
+        f"OUT_DIR` (Megatron) or `dapo-convert-megatron-to-hf {ckpt_dir} OUT_DIR` (Hugging Face, for "
+        f"model.hf_path), or upgrade with `pip install 'megatron-core>={saved}'`"
     )
 
 

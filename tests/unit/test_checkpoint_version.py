@@ -1,5 +1,5 @@
 """A Megatron checkpoint records the megatron-core release that saved it; one saved by a newer release than
-the installed one is refused with the ways through, and the conversion to Hugging Face still reads it."""
+the installed one is refused with the ways through (the conversion tools, which read it, or an upgrade)."""
 
 import json
 import random
@@ -72,12 +72,18 @@ def test_newer_megatron_core_checkpoint_is_refused_with_the_ways_through(groups,
         load_model(_model(groups, seeds[1]), ckpt)
     message = str(error.value)
     assert f"megatron-core {newer}, newer than the installed {installed}" in message
-    assert f"dapo-convert-megatron-to-hf {ckpt} OUT_DIR" in message
+    assert f"`dapo-reshard {ckpt} OUT_DIR`" in message
+    assert f"`dapo-convert-megatron-to-hf {ckpt} OUT_DIR`" in message
     assert f"pip install 'megatron-core>={newer}'" in message
 
-    # The first way through works: the conversion reads the checkpoint whatever release saved it.
-    convert.megatron_to_hf(ckpt, tmp_path / "out")
-    assert read_meta(ckpt).megatron_core == newer and (tmp_path / "out" / "model.safetensors").is_file()
+    # The ways through work: the tools read the checkpoint whatever release saved it, and write a layout
+    # every release reads.
+    convert.megatron_to_hf(ckpt, tmp_path / "hf_out")
+    assert (tmp_path / "hf_out" / "model.safetensors").is_file()
+    convert.reshard(ckpt, tmp_path / "resharded", tp=1, pp=1)
+    loaded = _model(groups, seeds[1])
+    load_model(loaded, tmp_path / "resharded")
+    _assert_same_weights(saved, loaded)
 
 
 def test_converted_and_older_checkpoints_load_without_a_recorded_release(groups, tmp_path):
