@@ -21,6 +21,8 @@ setup(
     },
     install_requires=[
         "torch>=2.6",
+        # No upper bound: .ci/py312.sh tests the newest release. Tested: 0.16.1 (Python 3.11), 0.17.1, 0.18.2
+        # and 0.19.2 (Python 3.12). A checkpoint saved by a newer release is refused (checkpoint/meta.py).
         "megatron-core>=0.16.1",
         "numpy",
         "packaging>=24.2",

@@ -14,7 +14,12 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.models.gpt import GPTModel
 
-from megatron_dapo.checkpoint.meta import CheckpointMeta, write_meta
+from megatron_dapo.checkpoint.meta import (
+    CheckpointMeta,
+    check_megatron_core,
+    installed_megatron_core,
+    write_meta,
+)
 
 # Module extra state (Transformer Engine's FP8 metadata; None in the local spec) is not model weights: the
 # conversion tools do not write it, and a model loads without it.
@@ -28,6 +33,7 @@ def checkpoint_meta(model: GPTModel) -> CheckpointMeta:
         pipeline_parallel=model.pg_collection.pp.size(),
         padded_vocab_size=model.vocab_size,
         dtype=str(model.config.params_dtype).removeprefix("torch."),
+        megatron_core=installed_megatron_core(),
     )
 
 
@@ -48,8 +54,10 @@ def save_model(model: GPTModel, ckpt_dir: Path, *, hf_dir: Path) -> None:
 def load_model(model: GPTModel, ckpt_dir: Path) -> None:
     """Collective: fill `model` (this rank's stage and TP shard) from a Megatron checkpoint of any TP/PP.
 
-    Every weight must be in the checkpoint; only module extra state may be absent.
+    Every weight must be in the checkpoint; only module extra state may be absent. A checkpoint saved by a
+    newer megatron-core than the installed one is refused with the ways through (checkpoint/meta.py).
     """
+    check_megatron_core(ckpt_dir)
     # megatron calls keys that are requested but absent from the checkpoint "unexpected"; it drops them.
     loaded, _, absent = dist_checkpointing.load(
         model.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RETURN_UNEXPECTED

@@ -1,10 +1,10 @@
-"""The megatron-core calls that lean on its internals, which move between 0.16 (Python 3.11, CI) and newer
+"""The megatron-core calls that lean on its internals, which move between 0.16 (Python 3.11) and newer
 releases (Python 3.12, GPU clusters): layer-spec surgery, the Transformer Engine import, and the attribute
 that makes GPTModel stop before its output layer.
 
-Everything else in megatron_dapo uses megatron-core's public surface. Checked against the installed 0.16.1 and
-against Megatron-LM's main branch (gpt_model.py, gpt_layer_specs.py): the same code serves both; when a
-release changes one of these, this file is the one to change.
+Everything else in megatron_dapo uses megatron-core's public surface. Checked against 0.16.1 (Python 3.11)
+and 0.17.1, 0.18.2 and 0.19.2 (Python 3.12; .ci/py312.sh tests the newest release): the same code serves all;
+when a release changes one of these, this file is the one to change (parallel/cpu_shims.py: its CUDA calls).
 """
 
 import contextlib

@@ -1,11 +1,12 @@
-"""Make stock megatron-core 0.16 run on a CUDA-less machine (gloo, CPU tensors).
+"""Make stock megatron-core (0.16 to 0.19) run on a CUDA-less machine (gloo, CPU tensors).
 
 megatron-core assumes a GPU in a few dozen places: it asks `torch.cuda.current_device()` for the device of new
 tensors, builds scalars with `device="cuda"`, keeps RNG states through `torch.cuda`, calls
-`torch.cuda.synchronize()`, moves tensors with `.cuda()` and checks dtypes by comparing `tensor.type()` with
-'torch.cuda.FloatTensor'. Every one of those calls fails on a CPU-only torch, so each shim below only
-redirects a call that could not have succeeded; none changes what a GPU machine runs, because
-`apply_cpu_shims()` does nothing when CUDA is available. All shims live here, and nowhere else.
+`torch.cuda.synchronize()` (and, from 0.19, `torch.cuda.current_stream()`), moves tensors with `.cuda()` and
+checks dtypes by comparing `tensor.type()` with 'torch.cuda.FloatTensor'. Every one of those calls fails on a
+CPU-only torch, so each shim below only redirects a call that could not have succeeded; none changes what a
+GPU machine runs, because `apply_cpu_shims()` does nothing when CUDA is available. All shims live here, and
+nowhere else.
 
 Without Transformer Engine or Apex (so on every CPU machine) megatron's DistributedOptimizer runs over
 torch's AdamW, and its checkpoint load path for that optimizer breaks in three places; the last shim repairs
@@ -54,6 +55,9 @@ def _patch_torch_cuda() -> None:
     torch.cuda.current_device = lambda: "cpu"
     # CPU work is synchronous: there is nothing to wait for.
     torch.cuda.synchronize = lambda device=None: None
+    # megatron-core 0.19's start_grad_sync waits on the current stream for CUDA-graph events; torch's CPU
+    # stream stands in (its wait_event, wait_stream and record_event do nothing, as CPU work is in order).
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
 
 
 def _patch_tensor_methods() -> None:

@@ -21,6 +21,7 @@ def test_shims_are_not_applied_when_cuda_is_available(monkeypatch):
     sentinels = {
         (torch.cuda, "current_device"): lambda: 0,
         (torch.cuda, "synchronize"): lambda device=None: None,
+        (torch.cuda, "current_stream"): lambda device=None: None,
         (torch.Tensor, "cuda"): lambda self, *a, **k: self,
         (torch.Tensor, "type"): lambda self, *a, **k: "sentinel",
         (mp_random, "_get_cuda_rng_state"): lambda *a, **k: None,
@@ -50,6 +51,8 @@ def test_shims_make_megatron_cuda_calls_run_on_cpu():
     assert x.type(torch.float64).dtype == torch.float64  # conversions keep working
     assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
     torch.cuda.synchronize()
+    stream = torch.cuda.current_stream()  # megatron-core 0.19's start_grad_sync waits on it
+    stream.wait_stream(stream)
 
 
 @cpu_only
