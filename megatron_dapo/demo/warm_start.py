@@ -79,7 +79,7 @@ def build_model(settings: WarmStartSettings, tokenizer: PreTrainedTokenizerBase)
         num_attention_heads=settings.num_attention_heads,
         num_key_value_heads=settings.num_key_value_heads,
         # The engine's context: room for real benchmark prompts (dapo-eval --data aime2024 is ~800 of the
-        # demo's character tokens). RoPE makes the weights and the demo's short sequences the same at any value.
+        # demo's character tokens). With RoPE, weights and short sequences are the same at any value.
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
