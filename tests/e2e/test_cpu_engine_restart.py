@@ -79,14 +79,13 @@ def test_killed_server_is_detected_and_restarted(pool):
 
 
 # A trainer stand-in: launches a CPU engine as the trainer does (ServerPool on a BackgroundLoop), pushes
-# weights through shared memory (which starts a torch_shm_manager the engine then holds on to), prints the
-# engine's pid and waits to be killed.
+# weights through a shared-memory segment, prints the engine's pid and waits to be killed.
 TRAINER = """
 import sys, threading
 from transformers import AutoModelForCausalLM
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
-from megatron_dapo.rollout.weight_payload import serialize_named_tensors
+from megatron_dapo.rollout.host_payload import SegmentWriter
 from megatron_dapo.rollout.weight_sync import BackgroundLoop
 
 model_dir, log_file = sys.argv[1:]
@@ -98,7 +97,8 @@ named = [(name, p.detach().clone()) for name, p in model.named_parameters()]
 
 async def push():
     async with SGLangClient(pool.urls) as client:
-        await client.update_weights_from_tensor([serialize_named_tensors(named)], weight_version=1)
+        with SegmentWriter().payload(named) as header:
+            await client.update_weights_from_tensor([header], weight_version=1)
 
 loop.run(push())
 print(pool.servers[0].process.pid, flush=True)
@@ -110,7 +110,7 @@ def test_a_killed_trainer_leaves_no_process_behind(model_dir, tmp_path):
     command = [sys.executable, "-c", TRAINER, str(model_dir), str(tmp_path / "engine.log")]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as trainer:
         engine = psutil.Process(int(trainer.stdout.readline()))
-        left = psutil.Process(trainer.pid).children(recursive=True)  # the engine, its children, shm manager
+        left = psutil.Process(trainer.pid).children(recursive=True)  # the engine and its children
         assert engine in left and engine.status() != psutil.STATUS_ZOMBIE
         trainer.kill()  # SIGKILL: nothing of the trainer's own clean-up runs
     try:

@@ -39,7 +39,7 @@ from megatron_dapo.rollout.weight_sync import (
     node_name,
     sync_weights,
 )
-from tests.parallel.tiny_models import save_tiny_checkpoint, single_process_groups, tiny_config, tiny_hf_model
+from tests.helpers.tiny_models import save_tiny_checkpoint, single_process_groups, tiny_config, tiny_hf_model
 
 pytestmark = pytest.mark.gpu
 

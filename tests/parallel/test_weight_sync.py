@@ -53,8 +53,8 @@ from megatron_dapo.rollout.weight_sync import (
     sync_weights,
 )
 from megatron_dapo.trainer.train_step import forward_logprobs
-from tests.parallel.launcher import DistributedPool
-from tests.parallel.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model
+from tests.helpers.distributed_pool import DistributedPool
+from tests.helpers.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model
 
 pytestmark = pytest.mark.slow
 

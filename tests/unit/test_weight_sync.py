@@ -37,7 +37,7 @@ from megatron_dapo.rollout.weight_sync import (
     sync_weights,
 )
 from megatron_dapo.trainer.train_step import forward_logprobs
-from tests.parallel.tiny_models import (
+from tests.helpers.tiny_models import (
     hf_response_logprobs,
     random_samples,
     save_tiny_checkpoint,
