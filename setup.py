@@ -47,7 +47,7 @@ setup(
             "dapo-train=megatron_dapo.train:main",
             "dapo-demo=megatron_dapo.demo:main",
             "dapo-logprobs=megatron_dapo.logprobs:main",
-            "dapo-eval=megatron_dapo.evaluate:main",
+            "dapo-eval=megatron_dapo.cli.eval:main",
             "dapo-report=megatron_dapo.trainer.report:main",
             "dapo-convert-hf-to-megatron=megatron_dapo.checkpoint.convert:hf_to_megatron_main",
             "dapo-convert-megatron-to-hf=megatron_dapo.checkpoint.convert:megatron_to_hf_main",

@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
 def make_groups(args: argparse.Namespace):
     """The step as the rollout hands it over: Group objects holding tuples, as the old path pickled them."""
     from megatron_dapo.rollout.types import FinishReason
-    from megatron_dapo.trainer.rollout import Group, Response
+    from megatron_dapo.trainer.batch import Group, Response
 
     g = torch.Generator().manual_seed(0)
     sigma = 0.8  # log-normal spread; mu puts the mean at --mean-response

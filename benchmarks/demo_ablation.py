@@ -35,9 +35,13 @@ PRESETS = ("overlong_filtering", "clip_higher", "soft_overlong", "token_level", 
 EVAL_METRIC = "eval/avg@8"  # examples/demo_cpu.yaml: 8 samples per held-out problem
 
 
-def run_preset(out: Path, preset: str, seed: int, steps: int, cache_dir: Path) -> Path:
-    """One demo run (in its own process, like a user's); returns its run directory."""
-    run_dir = out / f"{preset}-seed{seed}"
+def run_preset(
+    out: Path, preset: str, seed: int, steps: int, cache_dir: Path, extra: Sequence[str] = (), name: str = ""
+) -> Path:
+    """One demo run (in its own process, like a user's); returns its run directory, OUT/NAME-seedS (NAME:
+    the preset's unless given). `extra`: more options and overrides of `python -m megatron_dapo.demo`."""
+    name = name or preset
+    run_dir = out / f"{name}-seed{seed}"
     command = [
         sys.executable,
         "-m",
@@ -50,14 +54,15 @@ def run_preset(out: Path, preset: str, seed: int, steps: int, cache_dir: Path) -
         str(steps),
         "--cache-dir",
         str(cache_dir),
+        *extra,  # before the overrides below: options first, then every positional override together
         f"train.seed={seed}",
         "eval.every_steps=2",  # finer steps-to-target
         "logging.progress_bar=false",
     ]
     started = time.perf_counter()
-    with (out / f"{preset}-seed{seed}.log").open("w") as log:
+    with (out / f"{name}-seed{seed}.log").open("w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
-    print(f"  {preset} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"  {name} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return run_dir
 
 

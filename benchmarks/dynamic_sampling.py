@@ -15,17 +15,26 @@ draw the same prompts, in the same order, from the same seeded stream, and fill 
 Reported per method: tokens generated and not trained on (filtered groups, aborted generations, discarded
 surplus) and simulated wall time of the rollout phase in ticks. Training time is the same for both and left
 out. Run: python benchmarks/dynamic_sampling.py [--steps 8] [--concurrency 2048] ...
+
+`--mode epochs` (issue 13) streams a fixed prompt set for several epochs while every prompt's accuracy rises
+with the step, once without and once with algorithm.skip_saturated (the trainer's PromptLoader and
+saturation policy, the config's defaults unless --skip-* say otherwise), and reports per third of the run
+the share of generated tokens spent on filtered groups and the simulated time to fill each batch.
 """
 
 import argparse
 import heapq
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from megatron_dapo.algo import DynamicSampler, is_informative
+from megatron_dapo.algo import DynamicSampler, SkipSettings, is_informative
+from megatron_dapo.config import AlgorithmConfig
+from megatron_dapo.data.dataset import PromptLoader, TokenizedPrompt
+from megatron_dapo.data.record import PromptRecord
 
 
 @dataclass
@@ -37,6 +46,7 @@ class Group:
     correct: np.ndarray
     done: int = 0  # samples finished
     done_tokens: int = 0  # tokens of the finished samples
+    row: int = -1  # the prompt's row in a fixed prompt set (--mode epochs); -1: a fresh prompt
 
 
 class PromptStream:
@@ -48,15 +58,19 @@ class PromptStream:
         self.count = 0
 
     def next(self) -> Group:
-        a = self.args
-        accuracy = self.rng.beta(*a.accuracy_beta)
-        # harder prompts (low accuracy) get longer answers: the long tail is mostly wrong answers
-        log_median = np.log(a.median_tokens) + a.difficulty_shift * (0.5 - accuracy)
-        lengths = np.exp(self.rng.normal(log_median, a.length_sigma, a.samples_per_prompt))
-        lengths = np.clip(lengths.astype(np.int64), 1, a.max_response_tokens)
-        correct = self.rng.random(a.samples_per_prompt) < accuracy
+        accuracy = self.rng.beta(*self.args.accuracy_beta)
         self.count += 1
-        return Group(self.count - 1, lengths, correct)
+        return Group(self.count - 1, *draw_samples(self.rng, self.args, accuracy))
+
+
+def draw_samples(rng: np.random.Generator, a: argparse.Namespace, accuracy: float) -> tuple[np.ndarray, ...]:
+    """One group's response lengths and correctness for a prompt answered right with `accuracy`."""
+    # harder prompts (low accuracy) get longer answers: the long tail is mostly wrong answers
+    log_median = np.log(a.median_tokens) + a.difficulty_shift * (0.5 - accuracy)
+    lengths = np.exp(rng.normal(log_median, a.length_sigma, a.samples_per_prompt))
+    lengths = np.clip(lengths.astype(np.int64), 1, a.max_response_tokens)
+    correct = rng.random(a.samples_per_prompt) < accuracy
+    return lengths, correct
 
 
 @dataclass
@@ -113,34 +127,48 @@ class Totals:
     prompts: int = 0
     trained_samples: int = 0
     carried_groups: int = 0
+    skipped: int = 0  # prompts the stream skipped as saturated (algorithm.skip_saturated)
+
+    def add(self, other: "Totals") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 def tokens(group: Group) -> int:
     return int(group.lengths.sum())
 
 
+def streaming_step(
+    sampler: DynamicSampler[Group], next_group: Callable[[], Group], concurrency: int
+) -> tuple[Totals, list[Group]]:
+    """One rollout step the streaming way; its token accounting and every group judged in it."""
+    totals, engine, in_flight, judged = Totals(), Engine(concurrency), {}, []
+    while not sampler.full:
+        for _ in range(sampler.prompts_to_submit(in_flight=len(in_flight))):
+            group = next_group()
+            in_flight[group.prompt] = group
+            engine.submit(group)
+        for group in engine.next_finished_groups():
+            del in_flight[group.prompt]
+            judged.append(group)
+            if not sampler.add(group, group.correct.tolist()):
+                totals.filtered += tokens(group)
+    # samples that finished inside groups that did not are lost with the abort, like the running ones
+    totals.aborted += engine.abort_all() + sum(g.done_tokens for g in in_flight.values())
+    batch, stats = sampler.take_batch()
+    totals.trained += sum(tokens(g) for g in batch)
+    totals.trained_samples += sum(len(g.lengths) for g in batch)
+    totals.carried_groups += stats["groups_carried_out"]
+    totals.generated += engine.generated_tokens
+    totals.ticks += engine.now
+    return totals, judged
+
+
 def run_streaming(args: argparse.Namespace) -> Totals:
     stream, totals = PromptStream(args), Totals()
     sampler: DynamicSampler[Group] = DynamicSampler(args.prompts_per_step, max_rounds=args.max_rounds)
     for _ in range(args.steps):
-        engine, in_flight = Engine(args.concurrency), {}
-        while not sampler.full:
-            for _ in range(sampler.prompts_to_submit(in_flight=len(in_flight))):
-                group = stream.next()
-                in_flight[group.prompt] = group
-                engine.submit(group)
-            for group in engine.next_finished_groups():
-                del in_flight[group.prompt]
-                if not sampler.add(group, group.correct.tolist()):
-                    totals.filtered += tokens(group)
-        # samples that finished inside groups that did not are lost with the abort, like the running ones
-        totals.aborted += engine.abort_all() + sum(g.done_tokens for g in in_flight.values())
-        batch, stats = sampler.take_batch()
-        totals.trained += sum(tokens(g) for g in batch)
-        totals.trained_samples += sum(len(g.lengths) for g in batch)
-        totals.carried_groups += stats["groups_carried_out"]
-        totals.generated += engine.generated_tokens
-        totals.ticks += engine.now
+        totals.add(streaming_step(sampler, stream.next, args.concurrency)[0])
     totals.prompts = stream.count
     # groups still carried after the last step are trained in the next one: neither trained here nor lost
     totals.generated -= sum(tokens(g) for g in sampler.state_dict()["carried"])
@@ -174,6 +202,88 @@ def run_regeneration(args: argparse.Namespace) -> Totals:
         totals.discarded += sum(tokens(g) for g in surplus)
     totals.prompts = stream.count
     return totals
+
+
+class PromptSet:
+    """A fixed set of prompts read epoch after epoch through the trainer's own PromptLoader (and, when `skip`
+    is set, its saturation policy). Prompt i is answered right at step t with probability
+    sigmoid(logit_i + rise * t): the policy improves on every prompt as training goes on, whatever it trains
+    on. So this measures what skipping saves, not what it costs in learning (the CPU demo measures that)."""
+
+    def __init__(self, args: argparse.Namespace, skip: SkipSettings | None) -> None:
+        self.args = args
+        self.logits = np.random.default_rng([args.seed, 1]).normal(
+            args.logit_mean, args.logit_std, args.num_prompts
+        )
+        records = [PromptRecord(index=i, ground_truth="0", problem="-") for i in range(args.num_prompts)]
+        self.loader = PromptLoader([TokenizedPrompt(r, ()) for r in records], seed=args.seed, skip=skip)
+        self.rng = np.random.default_rng([args.seed, 2])
+        self.step = 0
+        self.count = 0
+
+    def accuracy(self, rows: np.ndarray | int) -> np.ndarray:
+        return 1 / (1 + np.exp(-(self.logits[rows] + self.args.rise * self.step)))
+
+    def next(self) -> Group:
+        row = self.loader.take(1)[0].record.index
+        self.count += 1
+        return Group(self.count - 1, *draw_samples(self.rng, self.args, float(self.accuracy(row))), row=row)
+
+
+@dataclass
+class EpochStep:
+    totals: Totals
+    epoch: float  # epochs of the prompt set read so far (generated or skipped)
+    set_accuracy: float  # the simulated policy's mean accuracy over the whole set at this step
+
+
+def run_epochs(args: argparse.Namespace, skip: SkipSettings | None) -> list[EpochStep]:
+    """Streaming dynamic sampling over several epochs of one prompt set; every judged group is recorded
+    in the saturation policy, as trainer/rollout.py does."""
+    prompts = PromptSet(args, skip)
+    sampler: DynamicSampler[Group] = DynamicSampler(args.prompts_per_step, max_rounds=args.max_rounds)
+    steps = []
+    for step in range(args.steps):
+        prompts.step, count, skipped = step, prompts.count, prompts.loader.skipped_saturated
+        totals, judged = streaming_step(sampler, prompts.next, args.concurrency)
+        if prompts.loader.saturation is not None:
+            for group in judged:
+                prompts.loader.saturation.record(group.row, group.correct.tolist(), step)
+        totals.prompts = prompts.count - count
+        totals.skipped = prompts.loader.skipped_saturated - skipped
+        epoch = prompts.loader.epoch + prompts.loader.offset / args.num_prompts
+        steps.append(EpochStep(totals, epoch, float(prompts.accuracy(np.arange(args.num_prompts)).mean())))
+    return steps
+
+
+def print_epoch_table(runs: dict[str, list[EpochStep]], args: argparse.Namespace, seconds: float) -> None:
+    """Per third of the run (early, mid, late training), each option side by side."""
+    print(
+        "| steps | option | set accuracy | epochs read | prompts generated | prompts skipped "
+        "| generated Mtok | filtered share | not trained on | ticks per step |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    thirds = np.array_split(np.arange(args.steps), 3)
+    for phase in thirds:
+        for name, steps in runs.items():
+            part, total = [steps[i] for i in phase], Totals()
+            for step in part:
+                total.add(step.totals)
+            print(
+                f"| {phase[0] + 1}-{phase[-1] + 1} | {name} | {part[-1].set_accuracy:.2f} | "
+                f"{part[-1].epoch:.1f} | {total.prompts:,} | {total.skipped:,} | "
+                f"{total.generated / 1e6:.1f} | "
+                f"{100 * total.filtered / total.generated:.0f}% | "
+                f"{100 * (total.filtered + total.aborted) / total.generated:.0f}% | "
+                f"{total.ticks / len(part):,.0f} |"
+            )
+    print(
+        f"\n({args.steps} steps of {args.prompts_per_step} prompts x {args.samples_per_prompt} samples over "
+        f"{args.num_prompts:,} prompts, logit ~ N({args.logit_mean}, {args.logit_std}) rising "
+        f"{args.rise}/step, {args.concurrency} concurrent sequences, seed {args.seed}; filtered share: "
+        "tokens of all-correct / all-wrong groups over tokens generated; not trained on: filtered + aborted; "
+        f"simulated in {seconds:.0f} s)"
+    )
 
 
 def print_table(streaming: Totals, regeneration: Totals, args: argparse.Namespace, seconds: float) -> None:
@@ -211,7 +321,14 @@ def print_table(streaming: Totals, regeneration: Totals, args: argparse.Namespac
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="rollout steps to fill")
+    p.add_argument(
+        "--mode",
+        choices=["methods", "epochs"],
+        default="methods",
+        help="methods: streaming vs regeneration; epochs: a prompt set read for several epochs as accuracy "
+        "rises, without and with algorithm.skip_saturated",
+    )
+    p.add_argument("--steps", type=int, help="rollout steps to fill (default: 8; --mode epochs: 90)")
     p.add_argument("--prompts-per-step", type=int, default=512)
     p.add_argument("--samples-per-prompt", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=2048, help="sequences the engine runs at once")
@@ -225,12 +342,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--regen-factor", type=int, default=3, help="regeneration: prompts generated per batch, x")
     p.add_argument("--max-rounds", type=int, default=10, help="both: rounds allowed before giving up")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    defaults = AlgorithmConfig()
+    epochs = p.add_argument_group("--mode epochs")
+    epochs.add_argument("--num-prompts", type=int, default=17_917, help="prompt set (DAPO-Math-17k's size)")
+    epochs.add_argument("--logit-mean", type=float, default=-1.0, help="mean logit of a prompt's accuracy")
+    epochs.add_argument("--logit-std", type=float, default=5.0, help="spread of the logits over prompts")
+    epochs.add_argument("--rise", type=float, default=0.05, help="logit gained per rollout step")
+    epochs.add_argument("--skip-p-all-correct", type=float, default=defaults.skip_p_all_correct)
+    epochs.add_argument("--skip-p-all-wrong", type=float, default=defaults.skip_p_all_wrong)
+    epochs.add_argument("--skip-expiry-epochs", type=int, default=defaults.skip_expiry_epochs)
+    args = p.parse_args()
+    args.steps = args.steps or (90 if args.mode == "epochs" else 8)
+    return args
 
 
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
+    if args.mode == "epochs":
+        skip = SkipSettings(args.skip_p_all_correct, args.skip_p_all_wrong, args.skip_expiry_epochs)
+        on = f"skip (p {skip.p_all_correct}/{skip.p_all_wrong}, expiry {skip.expiry_epochs})"
+        runs = {"off": run_epochs(args, None), on: run_epochs(args, skip)}
+        print_epoch_table(runs, args, time.perf_counter() - start)
+        return
     streaming = run_streaming(args)
     regeneration = run_regeneration(args)
     for t in (streaming, regeneration):  # every generated token is accounted for exactly once

@@ -21,17 +21,22 @@ from megatron_dapo.algo.metrics import (
 )
 from megatron_dapo.algo.overlong import overlong_filter_mask, overlong_penalty, overlong_penalty_tensor
 from megatron_dapo.algo.sampling import DynamicSampler, DynamicSamplingError, is_informative
+from megatron_dapo.algo.saturation import Outcome, SaturationPolicy, SkipSettings, group_outcome
 
 __all__ = [
     "LOSS_AGGREGATIONS",
     "DynamicSampler",
     "DynamicSamplingError",
     "LossAggregation",
+    "Outcome",
     "PolicyLossOutput",
+    "SaturationPolicy",
+    "SkipSettings",
     "aggregate_loss",
     "finalize_metrics",
     "group_advantages",
     "group_metric_sums",
+    "group_outcome",
     "is_informative",
     "local_denominator",
     "merge_metric_sums",

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
+from megatron_dapo.algo.saturation import SaturationPolicy, SkipSettings
 from megatron_dapo.data.catalog import dataset_file, describe_missing
 from megatron_dapo.data.record import PromptRecord
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE, encode_prompts, is_templated
@@ -307,18 +308,31 @@ class PromptLoader:
     """An endless stream of prompts: a fresh seeded permutation every epoch, resumable from a checkpoint.
 
     Dynamic sampling asks for prompts a few at a time, so the stream is consumed with `take(count)`, which
-    runs across epoch boundaries; the position is (epoch, offset into that epoch's permutation).
+    runs across epoch boundaries; the position is (epoch, offset into that epoch's permutation). With `skip`
+    (algorithm.skip_saturated) the stream passes over prompts whose last group was saturated, as
+    algo/saturation.py decides; the caller records each judged group in `self.saturation`.
     """
 
-    def __init__(self, prompts: Sequence[TokenizedPrompt], *, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        prompts: Sequence[TokenizedPrompt],
+        *,
+        seed: int,
+        shuffle: bool = True,
+        skip: SkipSettings | None = None,
+    ) -> None:
         if not prompts:
             raise ValueError("PromptLoader needs at least one prompt")
         self.prompts = prompts
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
-        self.offset = 0  # prompts of this epoch already handed out
+        self.offset = 0  # prompts of this epoch already handed out or skipped
         self._order = self._epoch_order(0)
+        self._rows = np.array([prompt.record.index for prompt in prompts])
+        num_rows = int(self._rows.max()) + 1  # the memory is indexed by row in the file
+        self.saturation = None if skip is None else SaturationPolicy(num_rows, skip, seed=seed)
+        self.skipped_saturated = 0  # prompts skipped since this process started
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -326,28 +340,41 @@ class PromptLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
 
     def take(self, count: int) -> list[TokenizedPrompt]:
-        """The next `count` prompts of the stream."""
-        taken = []
+        """The next `count` prompts of the stream (saturated ones skipped when `skip` is set)."""
+        taken: list[TokenizedPrompt] = []
+        skipped_in_a_row = 0
         while len(taken) < count:
             if self.offset == len(self.prompts):
                 self.epoch += 1
                 self.offset = 0
                 self._order = self._epoch_order(self.epoch)
-            stop = min(len(self.prompts), self.offset + count - len(taken))
-            taken.extend(self.prompts[i] for i in self._order[self.offset : stop])
-            self.offset = stop
+            prompt = self.prompts[self._order[self.offset]]
+            self.offset += 1
+            if self.saturation is None or not self.saturation.should_skip(prompt.record.index):
+                taken.append(prompt)
+                skipped_in_a_row = 0
+                continue
+            self.skipped_saturated += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row % len(self.prompts) == 0 and self.saturation.excludes_forever(self._rows):
+                raise RuntimeError(
+                    f"every one of the {len(self.prompts)} prompts was saturated when last generated and is "
+                    "skipped for good: lower algorithm.skip_p_all_correct / skip_p_all_wrong below 1, set "
+                    "algorithm.skip_expiry_epochs, or add harder (or easier) prompts"
+                )
         return taken
 
-    def state_dict(self) -> dict[str, int | bool]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "offset": self.offset,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "num_prompts": len(self.prompts),
+            **({"saturation": self.saturation.state_dict()} if self.saturation else {}),
         }
 
-    def load_state_dict(self, state: dict[str, int | bool]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where a checkpoint left off; the dataset and seed must be the ones it was saved with."""
         for key, current in (
             ("num_prompts", len(self.prompts)),
@@ -366,3 +393,7 @@ class PromptLoader:
         self.epoch = int(state["epoch"])
         self.offset = int(state["offset"])
         self._order = self._epoch_order(self.epoch)
+        if self.saturation is not None and "saturation" in state:
+            self.saturation.load_state_dict(state["saturation"])
+        elif self.saturation is not None:  # saved before skip_saturated was turned on
+            logger.info("the checkpoint has no skip_saturated memory: every prompt starts unseen")

@@ -47,7 +47,7 @@ def input_paths(out: Path) -> dict[str, Path]:
     return {"model": out / "model", "train": data / "train.jsonl", "eval": data / "eval.jsonl"}
 
 
-def prepare_inputs(out: Path, cache_dir: Path) -> dict[str, Path]:
+def prepare_inputs(out: Path, cache_dir: Path, train_problems: int = TRAIN_PROBLEMS) -> dict[str, Path]:
     """The warm-started model (trained once, then taken from the cache) and the train / held-out problems."""
     paths = input_paths(out)
     shutil.rmtree(paths["model"], ignore_errors=True)
@@ -56,7 +56,7 @@ def prepare_inputs(out: Path, cache_dir: Path) -> dict[str, Path]:
     unseen = {record.problem for record in held_out}
     train = [
         r
-        for r in generate_problems(WARM_START.task, TRAIN_PROBLEMS, seed=TRAIN_SEED)
+        for r in generate_problems(WARM_START.task, train_problems, seed=TRAIN_SEED)
         if r.problem not in unseen
     ]
     write_jsonl(train, paths["train"])
@@ -96,7 +96,14 @@ def clear_outputs(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def run_demo(out: Path, *, preset: str, cache_dir: Path, overrides: Sequence[str] = ()) -> dict:
+def run_demo(
+    out: Path,
+    *,
+    preset: str,
+    cache_dir: Path,
+    overrides: Sequence[str] = (),
+    train_problems: int = TRAIN_PROBLEMS,
+) -> dict:
     """Prepare, train, report; returns the summary also written to out/summary.json."""
     # Imported here: megatron-core takes seconds to load, and `--help` should not wait for it.
     from megatron_dapo.trainer.loop import Trainer
@@ -105,7 +112,7 @@ def run_demo(out: Path, *, preset: str, cache_dir: Path, overrides: Sequence[str
     cfg = demo_config(out, input_paths(out), [f"preset={preset}", *overrides])  # a typo fails here, at once
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out)
-    prepare_inputs(out, cache_dir)
+    prepare_inputs(out, cache_dir, train_problems)
     with Trainer(cfg) as trainer:
         trainer.fit()
     curve = accuracy_curve(out, cfg.eval.samples_per_problem)
@@ -138,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--preset", choices=sorted(PRESETS), default="dapo", help="a row of the paper's ablation"
     )
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/demo_cache"), help="warm-started models")
+    parser.add_argument(
+        "--train-problems",
+        type=int,
+        default=TRAIN_PROBLEMS,
+        help="problems generated for the training set (fewer: several epochs over it, like a small data set)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     args = parser.parse_args(argv)
     # The CPU demo, wherever it runs: hidden GPUs keep it on the CPU path (gloo, local layer spec, CPU engine)
@@ -146,7 +159,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(THREADS)
     overrides = [*([f"train.steps={args.steps}"] if args.steps is not None else []), *args.overrides]
     with exit_on_user_error("dapo-demo", DynamicSamplingError, ServerStartError):
-        summary = run_demo(args.out, preset=args.preset, cache_dir=args.cache_dir, overrides=overrides)
+        summary = run_demo(
+            args.out,
+            preset=args.preset,
+            cache_dir=args.cache_dir,
+            overrides=overrides,
+            train_problems=args.train_problems,
+        )
     print(
         f"\nDAPO demo ({summary['preset']}, {summary['steps']} steps, {summary['wall_time_s']:.0f} s): "
         f"held-out accuracy {summary['accuracy_start']:.1%} at the start -> {summary['accuracy_end']:.1%} at "

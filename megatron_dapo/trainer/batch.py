@@ -1,5 +1,6 @@
-"""A step's groups as training data: one sample per response with its advantage, split into mini-batches,
-and each data-parallel rank's share of them (trainer/distribute.py sends each rank its own)."""
+"""The step's data between the two roles: the rollout role's scored groups, the step's samples with their
+advantages, split into mini-batches, and each data-parallel rank's share of them (trainer/distribute.py
+sends each rank its own)."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,7 +10,35 @@ from torch import Tensor
 
 from megatron_dapo.algo import group_advantages
 from megatron_dapo.data.packing import PackedBatch, Sample, pack, plan_microbatches
-from megatron_dapo.trainer.rollout import Group
+from megatron_dapo.rollout.types import FinishReason
+
+
+@dataclass(frozen=True)
+class Response:
+    """One scored sample."""
+
+    token_ids: tuple[int, ...]  # generated tokens, the stop token included when one was generated
+    logprobs: tuple[float, ...]  # the engine's log-prob (nats) of each generated token
+    finish_reason: FinishReason  # STOP: finished; LENGTH: truncated (aborted samples are never scored)
+    reward: float  # rule reward (+1 / -1) plus the soft overlong penalty when it is on
+    correct: bool  # the rule reward alone: what dynamic sampling and accuracy count
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason is FinishReason.LENGTH
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt's G scored samples: the unit of advantage normalisation and of dynamic sampling."""
+
+    prompt_index: int  # row of the prompt in the training set
+    prompt_ids: tuple[int, ...]  # the token ids the engine was prompted with
+    responses: tuple[Response, ...]
+
+    @property
+    def correct(self) -> list[bool]:
+        return [response.correct for response in self.responses]
 
 
 @dataclass(frozen=True)

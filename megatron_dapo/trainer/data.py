@@ -5,11 +5,12 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from megatron_dapo.algo.saturation import SkipSettings
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.data.arithmetic import ARITHMETIC_PROMPT_TEMPLATE
 from megatron_dapo.data.dataset import TokenizedPrompt, load_prompts
 from megatron_dapo.data.template import DAPO_PROMPT_TEMPLATE
-from megatron_dapo.evaluate import load_eval_set
+from megatron_dapo.eval import load_eval_set
 
 
 def prompt_format(data_format: str) -> tuple[str, str]:
@@ -36,6 +37,14 @@ def load_train_prompts(cfg: DapoConfig, tokenizer: PreTrainedTokenizerBase) -> l
         use_chat_template=cfg.data.apply_chat_template,
     )
     return prompts
+
+
+def skip_settings(cfg: DapoConfig) -> SkipSettings | None:
+    """How the prompt stream skips saturated prompts; None when algorithm.skip_saturated is off."""
+    a = cfg.algorithm
+    if not a.skip_saturated:
+        return None
+    return SkipSettings(a.skip_p_all_correct, a.skip_p_all_wrong, a.skip_expiry_epochs)
 
 
 def load_eval_prompts(cfg: DapoConfig, tokenizer: PreTrainedTokenizerBase) -> list[TokenizedPrompt]:

@@ -3,7 +3,7 @@
 import torch
 
 from megatron_dapo.rollout.types import FinishReason
-from megatron_dapo.trainer.rollout import Group, Response
+from megatron_dapo.trainer.batch import Group, Response
 
 
 def random_groups(num_groups: int, group_size: int, seed: int, max_response: int = 12) -> list[Group]:

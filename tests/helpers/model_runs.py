@@ -26,14 +26,14 @@ from megatron_dapo.model.logprobs import logprobs_from_logits
 from megatron_dapo.model.policy import TokenDistribution, unwrap
 from megatron_dapo.model.training import setup_training
 from megatron_dapo.parallel.state import ParallelDims, init_parallel
-from megatron_dapo.trainer.checkpointing import (
+from megatron_dapo.trainer.policy.build import Policy, build_policy, parallel_dims
+from megatron_dapo.trainer.policy.checkpointing import (
     load_optimizer,
     optimizer_metadata,
     resume_point,
     save_checkpoint,
 )
-from megatron_dapo.trainer.policy import Policy, build_policy, parallel_dims
-from megatron_dapo.trainer.train_step import forward_logprobs, train_step
+from megatron_dapo.trainer.policy.train_step import forward_logprobs, train_step
 
 TEMPERATURE = 0.8
 ENTROPY_COEFF = 0.1

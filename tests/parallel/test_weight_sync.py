@@ -52,7 +52,7 @@ from megatron_dapo.rollout.weight_sync import (
     is_sender,
     sync_weights,
 )
-from megatron_dapo.trainer.train_step import forward_logprobs
+from megatron_dapo.trainer.policy.train_step import forward_logprobs
 from tests.helpers.distributed_pool import DistributedPool
 from tests.helpers.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megatron_dapo import evaluate
+from megatron_dapo.cli import eval as eval_cli
 from megatron_dapo.data import prepare
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import (
@@ -262,6 +262,6 @@ def test_the_commands_that_read_data_say_so_in_one_line(tmp_path: Path, user_err
     model = save_demo_tokenizer(tmp_path / "model")
     (model / "config.json").write_text("{}")  # a model directory: the data is read before the model
     err = user_error(
-        evaluate.main, ["--model", str(model), "--data", str(fake), "--out", str(tmp_path / "e")]
+        eval_cli.main, ["--model", str(model), "--data", str(fake), "--out", str(tmp_path / "e")]
     )
     assert err.startswith(f"dapo-eval: error: {fake}: not a parquet file")

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from megatron_dapo import evaluate, logprobs
+from megatron_dapo import logprobs
+from megatron_dapo.cli import eval as eval_cli
 from megatron_dapo.errors import UserError, exit_on_user_error
 
 
@@ -45,4 +46,4 @@ def test_dapo_logprobs_refuses_impossible_flags(flags, named, tmp_path, user_err
 )
 def test_dapo_eval_refuses_impossible_sampling(flags, tmp_path, user_error):
     argv = ["--model", str(tmp_path), "--data", "a.jsonl", "--out", str(tmp_path / "out"), *flags]
-    assert "dapo-eval: error: need --temperature >= 0 and 0 < --top-p <= 1" in user_error(evaluate.main, argv)
+    assert "dapo-eval: error: need --temperature >= 0 and 0 < --top-p <= 1" in user_error(eval_cli.main, argv)

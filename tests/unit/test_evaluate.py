@@ -5,7 +5,6 @@ import asyncio
 import json
 import logging
 import random
-import re
 from collections.abc import Sequence
 from fractions import Fraction
 from math import comb
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_dapo import evaluate as ev
+from megatron_dapo import eval as ev
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import BadDataError, TokenizedPrompt, tokenize_records
 from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
@@ -408,40 +407,3 @@ def test_a_megatron_checkpoint_is_converted_to_a_temporary_directory(tmp_path: P
         for name, tensor in original.items():
             assert torch.equal(converted[name], tensor), name
     assert not served.exists()  # the temporary directory is gone
-
-
-# ---- command line ------------------------------------------------------------------------------------------
-
-
-def test_a_wrong_model_path_is_one_clear_line(tmp_path: Path, user_error) -> None:
-    err = user_error(ev.main, ["--model", str(tmp_path), "--data", "a.jsonl", "--out", str(tmp_path / "out")])
-    assert re.match(r"dapo-eval: error: --model .* neither a Hugging Face model directory", err)
-
-
-def test_command_line_defaults_are_the_papers_evaluation() -> None:
-    args = ev.parse_args(
-        ["--model", "m", "--data", "a.jsonl", "--data", "b.parquet", "c.jsonl", "--out", "o"]
-    )
-    assert (args.samples, args.temperature, args.top_p, args.max_new_tokens) == (32, 1.0, 0.7, 20480)
-    assert args.data == [Path("a.jsonl"), Path("b.parquet"), Path("c.jsonl")]
-    assert (
-        args.chat_template and args.on_bad_row == "skip" and args.engine == "sglang" and not args.server_url
-    )
-    assert not ev.parse_args(
-        ["--model", "m", "--data", "a", "--out", "o", "--no-chat-template"]
-    ).chat_template
-
-
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--samples", "0"],
-        ["--top-p", "0"],
-        ["--engine", "cpu", "--server-tp", "2"],
-        ["--max-new-tokens", "-1"],
-    ],
-)
-def test_command_line_refuses_bad_values(flags: list[str], capsys) -> None:
-    with pytest.raises(SystemExit):
-        ev.parse_args(["--model", "m", "--data", "a", "--out", "o", *flags])
-    assert "error" in capsys.readouterr().err

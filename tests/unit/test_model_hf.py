@@ -9,7 +9,7 @@ from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.parallel.state import ParallelDims
-from megatron_dapo.trainer.train_step import forward_logprobs
+from megatron_dapo.trainer.policy.train_step import forward_logprobs
 from tests.helpers.tiny_models import (
     LLAMA3_ROPE,
     hf_response_logprobs,

@@ -11,7 +11,7 @@ from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.model.training import setup_training
 from megatron_dapo.parallel.state import ParallelDims
-from megatron_dapo.trainer.train_step import train_step
+from megatron_dapo.trainer.policy.train_step import train_step
 from tests.helpers.model_runs import WeightedLogprobObjective
 from tests.helpers.tiny_models import random_samples, single_process_groups, tiny_config, tiny_hf_model
 

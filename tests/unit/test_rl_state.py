@@ -31,7 +31,7 @@ from megatron_dapo.checkpoint.rl_state import (
 )
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.types import Completion, FinishReason
-from megatron_dapo.trainer.checkpointing import resume_point
+from megatron_dapo.trainer.policy.checkpointing import resume_point
 
 MODEL_FILE = "model.bin"  # stands in for model_io's files
 

@@ -9,7 +9,7 @@ from megatron_dapo.config import OptimizerConfig
 from megatron_dapo.data.packing import pack, plan_microbatches
 from megatron_dapo.trainer.batch import StepBatch
 from megatron_dapo.trainer.distribute import decode, encode
-from megatron_dapo.trainer.policy import lr_schedule
+from megatron_dapo.trainer.policy.build import lr_schedule
 from tests.helpers.batches import random_groups
 
 

@@ -14,7 +14,7 @@ from megatron_dapo.algo import aggregate_loss, local_denominator, policy_loss, t
 from megatron_dapo.data.packing import Sample, pack
 from megatron_dapo.parallel.context import split_for_cp
 from megatron_dapo.trainer.batch import StepBatch
-from megatron_dapo.trainer.objective import DapoObjective, ObjectiveSettings, token_targets
+from megatron_dapo.trainer.policy.objective import DapoObjective, ObjectiveSettings, token_targets
 
 SETTINGS = ObjectiveSettings(
     eps_low=0.2,

@@ -7,15 +7,17 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_dapo.algo import DynamicSampler, DynamicSamplingError
+from megatron_dapo.algo import DynamicSampler, DynamicSamplingError, SkipSettings
 from megatron_dapo.data.dataset import PromptLoader, TokenizedPrompt
 from megatron_dapo.data.demo_tokenizer import build_demo_tokenizer
 from megatron_dapo.data.record import PromptRecord
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
-from megatron_dapo.trainer.rollout import (
+from megatron_dapo.trainer.batch import Group, Response
+from megatron_dapo.trainer.rollout.collector import (
     RewardSettings,
     RolloutCollector,
     RolloutSettings,
+    _rollout_metrics,
     request_seed,
     score_group,
 )
@@ -78,9 +80,17 @@ class FakeEngine:
 
 
 def collector(
-    engine, accuracies, *, prompts_per_step=4, deterministic=False, max_rounds=10, inflight=8, enabled=True
+    engine,
+    accuracies,
+    *,
+    prompts_per_step=4,
+    deterministic=False,
+    max_rounds=10,
+    inflight=8,
+    enabled=True,
+    skip=None,
 ):
-    loader = PromptLoader(prompts(accuracies), seed=3)
+    loader = PromptLoader(prompts(accuracies), seed=3, skip=skip)
     sampler = DynamicSampler(prompts_per_step, enabled=enabled, max_rounds=max_rounds)
     settings = RolloutSettings(
         samples_per_prompt=G,
@@ -208,3 +218,69 @@ def test_score_group_adds_the_overlong_penalty_and_flags_truncation():
     assert second.truncated and second.reward == pytest.approx(second.correct * 2 - 1 - 1.0)
     no_penalty = score_group(prompt, completions, TOKENIZER, replace(settings, overlong_buffer_tokens=None))
     assert no_penalty.responses[1].reward == (1.0 if second.correct else -1.0)
+
+
+def requested_rows(engine: FakeEngine) -> list[int]:
+    return [int(request_id.rsplit("-", 1)[1]) for request_id, _ in engine.requests]
+
+
+def test_saturated_prompts_are_skipped_and_not_generated_again():
+    accuracies = mixed_accuracies(24, seed=6)
+    engine = FakeEngine(accuracies, delay_s=0.001)
+    skip = SkipSettings(p_all_correct=1.0, p_all_wrong=1.0, expiry_epochs=0)
+    collect = collector(engine, accuracies, deterministic=True, skip=skip)
+    skipped = 0
+    for step in range(1, 9):  # several epochs of the 24 prompts
+        _, metrics = asyncio.run(collect.collect(step=step))
+        skipped += metrics["sampling"]["prompts_skipped_saturated"]
+    assert collect.loader.epoch >= 2
+    rows = requested_rows(engine)
+    for row, accuracy in enumerate(accuracies):
+        if accuracy in (0.0, 1.0):  # always saturated: generated once, judged, never again
+            assert rows.count(row) == 1, (row, accuracy)
+    assert max(rows.count(row) for row, a in enumerate(accuracies) if a == 0.5) >= 2
+    assert skipped == collect.loader.skipped_saturated >= sum(a != 0.5 for a in accuracies)
+    # what was remembered is what the engine showed: both kinds of saturation, recorded by row
+    memory = collect.loader.saturation
+    assert all(memory.outcome[row] == 2 for row, a in enumerate(accuracies) if a == 1.0)
+    assert all(memory.outcome[row] == 3 for row, a in enumerate(accuracies) if a == 0.0)
+
+
+def test_without_skip_saturated_prompts_come_back_every_epoch():
+    accuracies = mixed_accuracies(24, seed=6)
+    engine = FakeEngine(accuracies, delay_s=0.001)
+    collect = collector(engine, accuracies, deterministic=True)
+    for step in range(1, 9):
+        _, metrics = asyncio.run(collect.collect(step=step))
+        assert metrics["sampling"]["prompts_skipped_saturated"] == 0
+    rows = requested_rows(engine)
+    assert max(rows.count(row) for row, a in enumerate(accuracies) if a == 1.0) >= 2
+
+
+def scored_group(row: int, correct: list[bool], lengths: list[int]) -> Group:
+    responses = tuple(
+        Response(tuple(range(n)), (-0.1,) * n, FinishReason.STOP, 1.0 if c else -1.0, c)
+        for c, n in zip(correct, lengths, strict=True)
+    )
+    return Group(row, (1, 2), responses)
+
+
+@pytest.mark.parametrize("filtering", [True, False])
+def test_filtered_token_share_counts_the_saturated_groups_generated(filtering):
+    rng = random.Random(12)
+    lengths = [[rng.randint(1, 30) for _ in range(G)] for _ in range(5)]
+    finished = [
+        scored_group(0, [True] * G, lengths[0]),
+        scored_group(1, [True, False, True, True], lengths[1]),
+        scored_group(2, [False] * G, lengths[2]),
+        scored_group(3, [False, False, True, False], lengths[3]),
+    ]
+    aborted = [[Completion([7] * n, [-0.1] * n, FinishReason.ABORT) for n in lengths[4]]]
+    stats = {"groups_kept": 2, "groups_carried_in": 0, "groups_carried_out": 0}
+    sampling = _rollout_metrics(finished[1::2], finished, aborted, stats, 5, filtering)["sampling"]
+    saturated = sum(lengths[0]) + sum(lengths[2])
+    assert sampling["tokens_generated"] == sum(map(sum, lengths))
+    assert sampling["tokens_filtered"] == (saturated if filtering else 0)
+    assert sampling["filtered_token_share"] == pytest.approx(
+        (saturated if filtering else 0) / sum(map(sum, lengths))
+    )

@@ -36,7 +36,7 @@ from megatron_dapo.rollout.weight_sync import (
     servers_from_urls,
     sync_weights,
 )
-from megatron_dapo.trainer.train_step import forward_logprobs
+from megatron_dapo.trainer.policy.train_step import forward_logprobs
 from tests.helpers.tiny_models import (
     hf_response_logprobs,
     random_samples,

@@ -21,43 +21,17 @@ from megatron_dapo.algo import (
     DynamicSampler,
     finalize_metrics,
     group_metric_sums,
+    is_informative,
     overlong_penalty,
     rollout_metric_sums,
 )
 from megatron_dapo.data.dataset import PromptLoader, TokenizedPrompt
-from megatron_dapo.reward import compute_score
+from megatron_dapo.reward import score_responses
 from megatron_dapo.rollout.engine import RolloutEngine
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
+from megatron_dapo.trainer.batch import Group, Response
 
 _SEED_LIMIT = 2**31 - 2**16  # the engine draws sample i of a request with seed + i: leave room for i
-
-
-@dataclass(frozen=True)
-class Response:
-    """One scored sample."""
-
-    token_ids: tuple[int, ...]  # generated tokens, the stop token included when one was generated
-    logprobs: tuple[float, ...]  # the engine's log-prob (nats) of each generated token
-    finish_reason: FinishReason  # STOP: finished; LENGTH: truncated (aborted samples are never scored)
-    reward: float  # rule reward (+1 / -1) plus the soft overlong penalty when it is on
-    correct: bool  # the rule reward alone: what dynamic sampling and accuracy count
-
-    @property
-    def truncated(self) -> bool:
-        return self.finish_reason is FinishReason.LENGTH
-
-
-@dataclass(frozen=True)
-class Group:
-    """One prompt's G scored samples: the unit of advantage normalisation and of dynamic sampling."""
-
-    prompt_index: int  # row of the prompt in the training set
-    prompt_ids: tuple[int, ...]  # the token ids the engine was prompted with
-    responses: tuple[Response, ...]
-
-    @property
-    def correct(self) -> list[bool]:
-        return [response.correct for response in self.responses]
 
 
 @dataclass(frozen=True)
@@ -89,11 +63,16 @@ def score_group(
     tokenizer: PreTrainedTokenizerBase,
     settings: RewardSettings,
 ) -> Group:
-    """Rule reward on each decoded response, plus the soft overlong punishment on its length."""
-    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    """Rule reward on each decoded response (the scoring evaluation uses too), plus the soft overlong
+    punishment on its length."""
+    rules = score_responses(
+        prompt.record.ground_truth,
+        [c.token_ids for c in completions],
+        tokenizer,
+        boxed_fallback=settings.boxed_fallback,
+    )
     responses = []
-    for completion, text in zip(completions, texts, strict=True):
-        rule = compute_score(text, prompt.record.ground_truth, boxed_fallback=settings.boxed_fallback)
+    for completion, rule in zip(completions, rules, strict=True):
         penalty = 0.0
         if settings.overlong_buffer_tokens is not None:
             penalty = overlong_penalty(
@@ -135,6 +114,7 @@ class RolloutCollector:
     async def collect(self, step: int) -> tuple[list[Group], dict[str, dict[str, float]]]:
         """The step's batch (prompts_per_step groups) and its rollout metrics, grouped for the tracker."""
         started = time.perf_counter()
+        skipped_before = self.loader.skipped_saturated
         running: list[_Request] = []
         owed = 0  # prompts the sampler asked for that wait for a free slot
         submitted = 0
@@ -150,6 +130,9 @@ class RolloutCollector:
                 request = await self._next_finished(running)
                 self._add(request, await request.task, finished, aborted)
             await self._settle_surplus(running, finished, aborted)
+            if self.loader.saturation is not None:  # every judged group, kept or filtered: what to skip next
+                for group in finished:
+                    self.loader.saturation.record(group.prompt_index, group.correct, step)
         except BaseException:
             # A failed request (or a cancelled step) must not leave the others generating.
             for request in running:
@@ -157,7 +140,8 @@ class RolloutCollector:
             await asyncio.gather(*(r.task for r in running), return_exceptions=True)
             raise
         batch, stats = self.sampler.take_batch()
-        metrics = _rollout_metrics(batch, finished, aborted, stats, submitted)
+        metrics = _rollout_metrics(batch, finished, aborted, stats, submitted, self.sampler.enabled)
+        metrics["sampling"]["prompts_skipped_saturated"] = self.loader.skipped_saturated - skipped_before
         elapsed = time.perf_counter() - started
         generated = metrics["sampling"]["tokens_generated"]
         metrics["timing"] = {"rollout_s": elapsed, "tokens_per_s": generated / max(elapsed, 1e-9)}
@@ -216,8 +200,10 @@ def _rollout_metrics(
     aborted: Sequence[Sequence[Completion]],
     stats: dict[str, int],
     submitted: int,
+    filtering: bool,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy, rewards and lengths over every group generated this step and over the batch trained on."""
+    """Accuracy, rewards and lengths over every group generated this step and over the batch trained on;
+    `filtering`: dynamic sampling is on, so saturated groups were generated and thrown away."""
     generated = _sample_metrics(finished)
     kept = _sample_metrics(batch)
     shares = finalize_metrics(
@@ -226,6 +212,8 @@ def _rollout_metrics(
     tokens_aborted = sum(len(c.token_ids) for completions in aborted for c in completions)
     tokens_finished = sum(len(r.token_ids) for g in finished for r in g.responses)
     tokens_trained = sum(len(r.token_ids) for g in batch for r in g.responses)
+    filtered = [g for g in finished if filtering and not is_informative(g.correct)]
+    tokens_filtered = sum(len(r.token_ids) for g in filtered for r in g.responses)
     rollout = {
         **generated,
         "accuracy_kept": kept["accuracy"],
@@ -244,6 +232,8 @@ def _rollout_metrics(
         "groups_all_wrong_share": shares.get("groups_all_wrong_share", 0.0),
         "tokens_generated": tokens_finished + tokens_aborted,
         "tokens_trained": tokens_trained,
+        "tokens_filtered": tokens_filtered,  # of all-correct and all-wrong groups, dropped by the filter
+        "filtered_token_share": tokens_filtered / max(tokens_finished + tokens_aborted, 1),
     }
     return {"rollout": rollout, "sampling": sampling}
 

@@ -33,7 +33,7 @@ from megatron_dapo.checkpoint.rl_state import (
     save_rl_state,
     set_aside,
 )
-from megatron_dapo.trainer.policy import Policy
+from megatron_dapo.trainer.policy.build import Policy
 
 OPTIMIZER_DIR = "optimizer"
 logger = logging.getLogger("megatron_dapo.train")

@@ -1,0 +1,151 @@
+"""The policy role: every rank builds (or resumes) its share of the Megatron policy and trains it on the
+share of each step that reaches it (trainer/distribute.py): pi_old first, then one clipped update per
+mini-batch. It also saves and loads the whole run state, collectively."""
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_dapo.algo import finalize_metrics, merge_metric_sums
+from megatron_dapo.checkpoint.rl_state import RLState, load_rl_state
+from megatron_dapo.config import DapoConfig
+from megatron_dapo.data.packing import PackedBatch, sequence_pad_multiple
+from megatron_dapo.trainer.batch import RankBatch, StepBatch
+from megatron_dapo.trainer.policy.build import build_policy
+from megatron_dapo.trainer.policy.checkpointing import load_optimizer, optimizer_metadata, save_checkpoint
+from megatron_dapo.trainer.policy.objective import DapoObjective, ObjectiveSettings, token_targets
+from megatron_dapo.trainer.policy.train_step import StepResult, forward_logprobs, train_step
+
+logger = logging.getLogger("megatron_dapo.train")
+
+Metrics = dict[str, dict[str, float]]  # group ("train", "timing", ...) -> name -> value
+
+
+class PolicyRole:
+    """This rank's stage of the policy, its optimizer and learning-rate schedule."""
+
+    def __init__(
+        self, cfg: DapoConfig, hf_config: dict[str, Any], pg: ProcessGroupCollection, *, weights: Path | None
+    ) -> None:
+        self.cfg, self.pg = cfg, pg
+        self.policy = build_policy(cfg, hf_config, pg, weights=weights)
+        self.settings = objective_settings(cfg)
+        p = cfg.parallel
+        self.pad_multiple = sequence_pad_multiple(p.context, p.tensor, p.sequence_parallel)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """This rank's stage, unwrapped: what checkpoints and weight sync read."""
+        return self.policy.model
+
+    def shard(self, batch: StepBatch) -> list[RankBatch]:
+        """Rank 0: the step cut into one share per data-parallel rank, planned as training will run it."""
+        return batch.shard(
+            samples_per_minibatch=self.cfg.train.samples_per_minibatch,
+            dp_size=self.pg.dp.size(),
+            tokens_per_microbatch=self.cfg.train.tokens_per_microbatch,
+            cp=self.cfg.parallel.context,
+            pad_multiple=self.pad_multiple,
+        )
+
+    def train(self, share: RankBatch) -> Metrics:
+        """Collective: pi_old for every mini-batch first (forward only), then one update per mini-batch."""
+        started = time.perf_counter()
+        self.policy.scheduler.step(1)  # warm-up counts rollout steps
+        minibatches = share.microbatches(self.pad_multiple)
+        old_logprobs = [self._old_logprobs(microbatches) for microbatches in minibatches]
+        old_logprobs_s = time.perf_counter() - started
+        results = [
+            train_step(
+                self.policy.ddp,
+                self.policy.optimizer,
+                microbatches,
+                self._objective(share.data, microbatches, old),
+                self.policy.distribution,
+                self.pg,
+            )
+            for microbatches, old in zip(minibatches, old_logprobs, strict=True)
+        ]
+        for update, result in enumerate(results, 1):
+            if not result.applied:
+                logger.warning(
+                    "update %d: loss %s, grad norm %s are not finite: update skipped",
+                    update, result.loss, result.grad_norm,
+                )  # fmt: skip
+        lr = self.policy.optimizer.param_groups[0]["lr"]
+        timing = {"old_logprobs_s": old_logprobs_s, "train_s": time.perf_counter() - started}
+        return {"train": update_metrics(results, lr=lr), "timing": timing}
+
+    def save(self, root: Path, step: int, rollout_state: dict[str, Any]) -> Path:
+        """Collective: the whole run state at `step`, atomically (checkpoint/rl_state.py). `rollout_state`
+        is the rollout role's (given on rank 0 only)."""
+        state = RLState(
+            step=step,
+            loader=rollout_state.get("loader", {}),
+            sampler=rollout_state.get("sampler", {}),
+            scheduler=self.policy.scheduler.state_dict(),
+            extra={"optimizer_metadata": optimizer_metadata()},
+        )
+        return save_checkpoint(
+            root,
+            step,
+            self.policy,
+            state,
+            hf_dir=Path(self.cfg.model.hf_path),
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def resume(self, ckpt: Path, rank: int) -> RLState:
+        """Collective: optimizer and schedule of a step directory (the weights loaded with the model); returns
+        the run state, whose loader and sampler parts the rollout role takes."""
+        state = load_rl_state(ckpt, rank=rank)
+        load_optimizer(ckpt, self.policy, state.extra["optimizer_metadata"])
+        self.policy.scheduler.load_state_dict(state.scheduler)
+        return state
+
+    def _old_logprobs(self, microbatches: list[PackedBatch]) -> dict[int, torch.Tensor]:
+        """log pi_old of each response token of this rank's samples, by sample id."""
+        results = forward_logprobs(self.policy.ddp, microbatches, self.policy.distribution, self.pg)
+        ids = [i for batch in microbatches for i in batch.sample_ids if i >= 0]
+        return {i: logprobs for i, (logprobs, _) in zip(ids, results, strict=True)}
+
+    def _objective(
+        self, batch: StepBatch, microbatches: list[PackedBatch], old_logprobs: dict[int, torch.Tensor]
+    ) -> DapoObjective:
+        device = next(self.policy.ddp.parameters()).device
+        targets = {
+            mb.sample_ids: token_targets(mb, batch, old_logprobs, self.settings, self.pg.cp, device)
+            for mb in microbatches
+        }
+        return DapoObjective(targets, self.settings)
+
+
+def objective_settings(cfg: DapoConfig) -> ObjectiveSettings:
+    a = cfg.algorithm
+    return ObjectiveSettings(
+        eps_low=a.clip_eps_low,
+        eps_high=a.clip_eps_high,
+        dual_clip=a.dual_clip,
+        aggregation=a.loss_aggregation,
+        overlong_filtering=a.overlong_filtering,
+        importance_cap=a.rollout_is_cap,
+    )
+
+
+def update_metrics(results: list[StepResult], *, lr: float) -> dict[str, float]:
+    """The step's updates together: token metrics over all of them, loss and grad norm averaged."""
+    applied = [r for r in results if r.applied]
+    metrics = finalize_metrics(merge_metric_sums(r.metrics for r in applied)) if applied else {}
+    metrics.update(
+        loss=sum(r.loss for r in applied) / len(applied) if applied else math.nan,
+        grad_norm=sum(r.grad_norm for r in applied) / len(applied) if applied else math.nan,
+        lr=lr,
+        updates=len(results),
+        updates_skipped=len(results) - len(applied),
+    )
+    return metrics
