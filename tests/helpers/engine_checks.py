@@ -38,14 +38,17 @@ class EngineUnderTest:
     device: str  # where weight payloads live: "cpu" (host segments) or "cuda" (CUDA IPC)
     abort_after_s: float  # how long a request runs before the abort checks abort it
 
-    def run(self, check: Callable[..., Awaitable[None]], *args: object) -> None:
-        """check(client, self, *args) with a client of this server, in a fresh event loop."""
+    def run(self, check: "Check") -> None:
+        """check(client, self) with a client of this server, in a fresh event loop."""
 
         async def with_client() -> None:
             async with SGLangClient(self.pool.urls) as client:
-                await check(client, self, *args)
+                await check(client, self)
 
         asyncio.run(with_client())
+
+
+Check = Callable[[SGLangClient, EngineUnderTest], Awaitable[None]]
 
 
 def save_engine_model(directory: Path, seed: int = 0) -> Path:
@@ -228,6 +231,6 @@ CONFORMANCE_CHECKS = (
 )
 
 
-def check_name(check: Callable[..., Awaitable[None]]) -> str:
+def check_name(check: Check) -> str:
     """The test id of a check: its function name."""
     return check.__name__
