@@ -8,7 +8,7 @@ from megatron_dapo.checkpoint.hf_dir import read_config
 from megatron_dapo.config import load_config
 from megatron_dapo.trainer.batch import StepBatch
 from megatron_dapo.trainer.policy.role import PolicyRole
-from tests.parallel.tiny_models import hf_response_logprobs, random_samples, tiny_config, tiny_hf_model
+from tests.helpers.tiny_models import hf_response_logprobs, random_samples, tiny_config, tiny_hf_model
 
 MODEL_SEED = 3
 STALE_TENSOR = "model.layers.1.mlp.down_proj.weight"

@@ -5,9 +5,9 @@ import pytest
 
 from megatron_dapo.parallel.state import init_parallel
 from megatron_dapo.trainer.policy.build import parallel_dims
+from tests.helpers.distributed_pool import DistributedPool
 from tests.helpers.policy_steps import MODEL_SEED, engine_model, first_step_metrics, policy_config, step_batch
-from tests.parallel.launcher import DistributedPool
-from tests.parallel.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model
+from tests.helpers.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from tests.helpers.policy_steps import (
     policy_config,
     step_batch,
 )
-from tests.parallel.tiny_models import (
+from tests.helpers.tiny_models import (
     hf_response_logprobs,
     save_tiny_checkpoint,
     single_process_groups,
