@@ -11,6 +11,7 @@ from megatron_dapo.config import from_dict
 from megatron_dapo.trainer.loop import Trainer
 from megatron_dapo.trainer.policy.role import update_metrics as _update_metrics
 from megatron_dapo.trainer.policy.train_step import StepResult
+from megatron_dapo.trainer.watchdog import read_heartbeat, watchdog_for
 
 
 def result(applied: bool, loss: float, grad_norm: float, tokens: float, entropy_sum: float) -> StepResult:
@@ -90,6 +91,13 @@ class LoopWithFakes(Trainer):
         self.hf_config, self.checkpoint_root = {}, "ckpt"
         self.step = self.resumed_step
         self.stop = _Stop(self.stop_after, self)
+        self.watchdog = watchdog_for(self.cfg, rank=0, world_size=1)
+        self._closing.callback(self.watchdog.close)
+
+
+@pytest.fixture(autouse=True)
+def _run_dir_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # logging.dir is relative: the watchdog's heartbeats land here
 
 
 def loop_config(**sections):
@@ -142,3 +150,33 @@ def test_a_resumed_run_continues_after_its_step_without_a_new_baseline():
     trainer.fit()
     assert [c[1] for c in trainer.calls if c[0] == "generate"] == [4, 5]
     assert [c[1] for c in trainer.calls if c[0] == "evaluate"] == [4, 5]
+
+
+def test_each_phase_of_a_step_runs_under_the_watchdog():
+    trainer = LoopWithFakes(loop_config())
+    heartbeat = trainer.watchdog.heartbeat_path(0)
+    seen = []
+
+    def spy(role: SimpleNamespace, name: str) -> None:
+        """The phase the heartbeat names while the role's `name` runs."""
+        call = getattr(role, name)
+        setattr(
+            role, name, lambda *args: seen.append((name, read_heartbeat(heartbeat).where())) or call(*args)
+        )
+
+    for role, name in [
+        (trainer.rollout, "generate"),
+        (trainer.publisher, "publish"),
+        (trainer.rollout, "evaluate"),
+        (trainer.policy, "save"),
+    ]:
+        spy(role, name)
+    with trainer:
+        trainer.fit()
+    assert [s for s in seen if s[1].endswith("of step 2")] == [
+        ("generate", "rollout of step 2"),
+        ("publish", "weight_sync of step 2"),
+        ("evaluate", "eval of step 2"),
+        ("save", "save of step 2"),
+    ]
+    assert read_heartbeat(heartbeat).where() == "between phases of step 5"
