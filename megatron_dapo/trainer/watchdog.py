@@ -143,8 +143,11 @@ class Watchdog:
         """Atomically: a reader on another node sees the old file or the new one, never half of one."""
         path = self.heartbeat_path(self.rank)
         partial = path.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(asdict(heartbeat)) + "\n")
-        os.replace(partial, path)
+        try:
+            partial.write_text(json.dumps(asdict(heartbeat)) + "\n")
+            os.replace(partial, path)
+        except OSError as err:  # a full or flaky shared disk: the heartbeat is a diagnostic, not worth a run
+            logger.warning("rank %d: could not write its heartbeat %s: %s", self.rank, path, err)
 
     def _watch(self) -> None:
         expired = self._wait_for_expiry()
@@ -212,14 +215,13 @@ class Watchdog:
                 longest[place] = max(longest.get(place, 0.0), now - beat.started)
             places.setdefault(place, []).append(rank)
         where = "; ".join(
-            f"ranks {_ranges(ranks)}: {place}"
-            + (f" (for up to {longest[place]:.0f} s)" if place in longest else "")
+            f"{_ranks(ranks)}: {place}" + (f" (for up to {longest[place]:.0f} s)" if place in longest else "")
             for place, ranks in places.items()
         )
-        with_stacks = _ranges(self._ranks_with_stacks(expired.started)) or "none"
+        with_stacks = _ranks(self._ranks_with_stacks(expired.started))
         return (
-            f"STALL: {expired.where()} ran past its {expired.deadline_s:g} s deadline. Where the "
-            f"{self.world_size} ranks are: {where}. Stacks (ranks {with_stacks}): "
+            f"STALL: {expired.where()} ran past its {expired.deadline_s:g} s deadline. Where the ranks "
+            f"are ({self.world_size}): {where}. Stacks ({with_stacks}): "
             f"{self.log_dir}/stacks-rank*.txt. Exiting with code {STALL_EXIT_CODE}; run the same command "
             "to resume from the last complete checkpoint."
         )
@@ -233,15 +235,16 @@ def read_heartbeat(path: Path) -> Heartbeat | None:
         return None
 
 
-def _ranges(ranks: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8": readable for hundreds of ranks."""
+def _ranks(ranks: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "ranks 0-2,5,7-8": readable for hundreds of ranks; [3] -> "rank 3"."""
     spans: list[list[int]] = []
     for rank in ranks:
         if spans and rank == spans[-1][1] + 1:
             spans[-1][1] = rank
         else:
             spans.append([rank, rank])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    listed = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return {0: "no rank", 1: f"rank {listed}"}.get(len(ranks), f"ranks {listed}")
 
 
 def watchdog_for(cfg: DapoConfig, *, rank: int, world_size: int) -> Watchdog:

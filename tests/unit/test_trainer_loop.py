@@ -2,13 +2,17 @@
 averages; token metrics pooled), and, over fake roles, the order of a step, the evaluation and save cadence,
 the stop signal and resuming."""
 
+import contextlib
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
 
 from megatron_dapo.config import from_dict
 from megatron_dapo.trainer.loop import Trainer
+from megatron_dapo.trainer.policy import role as policy_role
+from megatron_dapo.trainer.policy.role import PolicyRole
 from megatron_dapo.trainer.policy.role import update_metrics as _update_metrics
 from megatron_dapo.trainer.policy.train_step import StepResult
 from megatron_dapo.trainer.watchdog import read_heartbeat, watchdog_for
@@ -180,3 +184,46 @@ def test_each_phase_of_a_step_runs_under_the_watchdog():
         ("save", "save of step 2"),
     ]
     assert read_heartbeat(heartbeat).where() == "between phases of step 5"
+
+
+def test_the_policy_role_runs_old_logprobs_and_each_update_as_a_phase(monkeypatch):
+    """PolicyRole.train's own phases, through its hook, over a fake policy: which work runs inside which."""
+    updates = random.randint(2, 5)
+    events: list[tuple] = []
+
+    @contextlib.contextmanager
+    def watch(phase: str, part: str):
+        events.append(("enter", phase, part))
+        yield
+        events.append(("leave", phase, part))
+
+    def forward(model, microbatches, distribution, pg):
+        events.append(("forward", microbatches[0]))
+        return [(f"logprobs {microbatches[0]}", None)]
+
+    def step(model, optimizer, microbatches, objective, distribution, pg):
+        events.append(("train_step", microbatches[0]))
+        return result(True, 0.5, 1.0, tokens=10, entropy_sum=2.0)
+
+    monkeypatch.setattr(policy_role, "forward_logprobs", forward)
+    monkeypatch.setattr(policy_role, "train_step", step)
+    role = PolicyRole.__new__(PolicyRole)  # no Megatron model: the phases are what this test is about
+    optimizer = SimpleNamespace(param_groups=[{"lr": 1e-6}])
+    role.policy = SimpleNamespace(scheduler=SimpleNamespace(step=lambda n: None), optimizer=optimizer)
+    role.policy.ddp = role.policy.distribution = role.pg = None
+    role.pad_multiple, role.watch = 1, watch
+    role._objective = lambda batch, microbatches, old: None
+    minibatches = [[SimpleNamespace(sample_ids=[m])] for m in range(updates)]
+    share = SimpleNamespace(data=None, microbatches=lambda pad: minibatches)
+    metrics = role.train(share)
+    assert metrics["train"]["updates"] == updates
+    old_logprobs = [("forward", minibatch[0]) for minibatch in minibatches]  # every pi_old before any update
+    assert events[: updates + 2] == [
+        ("enter", "old_logprobs", ""),
+        *old_logprobs,
+        ("leave", "old_logprobs", ""),
+    ]
+    for update, minibatch in enumerate(minibatches, 1):
+        part = f"{update}/{updates}"
+        at = events.index(("enter", "update", part))
+        assert events[at : at + 3] == [events[at], ("train_step", minibatch[0]), ("leave", "update", part)]
