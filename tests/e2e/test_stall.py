@@ -7,14 +7,9 @@ import socket
 import pytest
 
 from megatron_dapo.trainer.watchdog import STALL_EXIT_CODE, read_heartbeat
-from tests.e2e.test_train import make_demo_inputs, run, train_command
+from tests.helpers.demo_run import run, train_command
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo_inputs(request, tmp_path_factory):
-    return make_demo_inputs(request, tmp_path_factory)
 
 
 def test_a_server_that_never_answers_stops_the_trainer_with_the_stall_code(demo_inputs, tmp_path):

@@ -1,6 +1,6 @@
 """A gloo collective that one rank never enters: both ranks dump their stacks, rank 0 names the phase and the
 ranks, and both exit with the watchdog's code within the deadline. The processes exit, so they are spawned
-here rather than in tests/parallel/launcher.py's pool."""
+here rather than in tests/helpers/distributed_pool.py's pool."""
 
 import json
 import logging

@@ -203,7 +203,9 @@ def test_the_policy_role_runs_old_logprobs_and_each_update_as_a_phase(monkeypatc
 
     def step(model, optimizer, microbatches, objective, distribution, pg):
         events.append(("train_step", microbatches[0]))
-        return result(True, 0.5, 1.0, tokens=10, entropy_sum=2.0)
+        done = result(True, 0.5, 1.0, tokens=10, entropy_sum=2.0)
+        done.metrics["ratio_dev_max"] = 0.0
+        return done
 
     monkeypatch.setattr(policy_role, "forward_logprobs", forward)
     monkeypatch.setattr(policy_role, "train_step", step)
@@ -213,14 +215,16 @@ def test_the_policy_role_runs_old_logprobs_and_each_update_as_a_phase(monkeypatc
     role.policy.ddp = role.policy.distribution = role.pg = None
     role.pad_multiple, role.watch = 1, watch
     role._objective = lambda batch, microbatches, old: None
+    role._mismatch = lambda batch, old: events.append(("mismatch",)) or {}  # collective: pi_old's phase
     minibatches = [[SimpleNamespace(sample_ids=[m])] for m in range(updates)]
     share = SimpleNamespace(data=None, microbatches=lambda pad: minibatches)
     metrics = role.train(share)
     assert metrics["train"]["updates"] == updates
     old_logprobs = [("forward", minibatch[0]) for minibatch in minibatches]  # every pi_old before any update
-    assert events[: updates + 2] == [
+    assert events[: updates + 3] == [
         ("enter", "old_logprobs", ""),
         *old_logprobs,
+        ("mismatch",),
         ("leave", "old_logprobs", ""),
     ]
     for update, minibatch in enumerate(minibatches, 1):
