@@ -4,7 +4,9 @@ Two roles do the work and this file only calls them: the rollout role (trainer/r
 engine, the prompt stream, dynamic sampling, evaluation) and the policy role (trainer/policy/, every rank:
 the Megatron policy and its updates). Each step's batch goes from the one to the other as tensors, each
 data-parallel rank receiving its own share (trainer/distribute.py); the weights go back through the
-publisher (sync/publisher.py). An overlapped loop is another file of calls on the same roles.
+publisher (sync/publisher.py). An overlapped loop is another file of calls on the same roles. Every phase
+of a step (rollout, old log-probs, each update, weight sync, evaluation, save) runs under the stall
+watchdog's deadline (trainer/watchdog.py), so that a hang ends in stacks, a report and a requeue.
 """
 
 import contextlib

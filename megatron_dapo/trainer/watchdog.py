@@ -168,24 +168,35 @@ class Watchdog:
         return None
 
     def _stall(self, expired: Heartbeat) -> None:
-        """Stacks to this rank's file; on rank 0, the report of every rank; then exit for a requeue."""
+        """Stacks to this rank's file; on rank 0, the report of every rank; then exit for a requeue, whatever
+        failed on the way (an exception here must not leave the process hanging)."""
+        try:
+            self._dump_stacks(expired)
+            if self.rank == 0:
+                self._wait_for_stacks(since=expired.started)
+                logger.error("%s", self.report(expired))
+        finally:
+            for handler in logging.getLogger().handlers + logger.handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self._exit(STALL_EXIT_CODE)
+
+    def _dump_stacks(self, expired: Heartbeat) -> None:
         stacks = self.stacks_path(self.rank)
-        with stacks.open("a") as out:
-            out.write(f"=== {time.ctime()}: rank {self.rank} stalled in {expired.where()} ===\n")
-            out.flush()
-            faulthandler.dump_traceback(out, all_threads=True)
+        try:
+            with stacks.open("a") as out:
+                out.write(f"=== {time.ctime()}: rank {self.rank} stalled in {expired.where()} ===\n")
+                out.flush()
+                faulthandler.dump_traceback(out, all_threads=True)
+        except OSError as err:  # the log directory is unwritable: the job's output still gets them
+            logger.error("rank %d: could not write %s (%s); stacks on stderr", self.rank, stacks, err)
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            return
         logger.error(
             "rank %d: %s ran past its %g s deadline; stacks of every thread in %s",
             self.rank, expired.where(), expired.deadline_s, stacks,
         )  # fmt: skip
-        if self.rank == 0:
-            self._wait_for_stacks(since=expired.started)
-            logger.error("%s", self.report(expired))
-        for handler in logging.getLogger().handlers + logger.handlers:
-            handler.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self._exit(STALL_EXIT_CODE)
 
     def _wait_for_stacks(self, since: float) -> None:
         """The other ranks dump their stacks when their own deadline passes, seconds apart at most."""
@@ -208,7 +219,7 @@ class Watchdog:
         for rank in range(self.world_size):
             beat = read_heartbeat(self.heartbeat_path(rank))
             if beat is None:
-                place = "no heartbeat file"
+                place = "no heartbeat"
             else:
                 state = f"past its {beat.deadline_s:g} s deadline" if beat.overdue(now) else "in time"
                 place = f"{beat.where()}, {state}"
@@ -228,10 +239,11 @@ class Watchdog:
 
 
 def read_heartbeat(path: Path) -> Heartbeat | None:
-    """A rank's heartbeat, or None when it has written none (it never started, or another run's dir)."""
+    """A rank's heartbeat, or None when there is none to read (the rank never started, or the file is from
+    another version or damaged: the report goes on without it)."""
     try:
         return Heartbeat(**json.loads(path.read_text()))
-    except FileNotFoundError:
+    except (OSError, ValueError, TypeError):
         return None
 
 

@@ -150,7 +150,7 @@ def test_rank_0_reports_every_rank_from_the_heartbeat_files(make_watchdog):
     assert "Where the ranks are (5): ranks 0,2: update 3/8 of step 7, in time (for up to 0 s)" in report
     assert "rank 1: old_logprobs of step 7, in time" in report
     assert "rank 3: between phases of step 0, in time" in report
-    assert "rank 4: no heartbeat file" in report and "Stacks (no rank)" in report
+    assert "rank 4: no heartbeat" in report and "Stacks (no rank)" in report
 
 
 def test_a_heartbeat_that_cannot_be_written_is_a_warning_not_a_failure(make_watchdog, exits, caplog):
@@ -161,3 +161,12 @@ def test_a_heartbeat_that_cannot_be_written_is_a_warning_not_a_failure(make_watc
     assert read_heartbeat(watchdog.heartbeat_path(0)).phase == ""  # the old heartbeat stays whole
     assert "could not write its heartbeat" in caplog.text
     assert not exits.called.wait(0.5)  # the deadline still ended with the phase
+
+
+def test_unwritable_stacks_go_to_stderr_and_the_process_still_exits(make_watchdog, exits, capfd):
+    watchdog = make_watchdog(default_s=0.2)
+    watchdog.stacks_path(0).mkdir()  # where the stacks would be appended
+    with watchdog.phase("save", 2):
+        _stuck_in_weight_sync(exits)
+    assert exits.codes == [STALL_EXIT_CODE]
+    assert "_stuck_in_weight_sync" in capfd.readouterr().err
