@@ -14,6 +14,7 @@
 #   ROLLOUT_NODES      nodes of dedicated rollout (the recipe's default)
 #   MASTER_PORT        torchrun rendezvous port (derived from the job id)
 #   SERVER_START_TIMEOUT_S  time SGLang servers may take to load (1800)
+#   STALL_REQUEUES     times a job requeues itself after training stalled (trainer/watchdog.py) (3)
 #   CHECKPOINT_GRACE_S time training may take to checkpoint after SIGTERM before torchrun kills it (540; torch
 #                      releases that read TORCH_ELASTIC_SHUTDOWN_TIMEOUT; older ones allow 30 s)
 #   DAPO_API_KEY       the rollout servers' API key (a new random one per job); never printed
@@ -307,13 +308,35 @@ dapo_wait_servers() {
 	done
 }
 
-# Time limit near (SIGUSR1 from --signal=B:USR1@N): training has checkpointed, so put the job back in the
-# queue; its next start resumes from that checkpoint.
-dapo_requeue_if_signalled() {
-	if [[ $DAPO_SIGNAL == USR1 && -n ${SLURM_JOB_ID:-} ]]; then
-		dapo_log "requeueing job $SLURM_JOB_ID: it resumes from the latest checkpoint under $RUN_DIR"
-		scontrol requeue "$SLURM_JOB_ID"
+# Training stalled (trainer/watchdog.py) when it failed after writing stacks to $RUN_DIR/logs/watchdog/:
+# torchrun reports the watchdog's exit (75) as a plain failure, so the files tell a stall from a crash.
+dapo_stalled() {
+	[[ -n $(find "$RUN_DIR/logs/watchdog" -name 'stacks-rank*.txt' -newer "$DAPO_TRAIN_STARTED" 2>/dev/null) ]]
+}
+
+# Puts the job back in the queue when the time limit is near (SIGUSR1 from --signal=B:USR1@N: training has
+# checkpointed) or training stalled, at most STALL_REQUEUES times a job (3): a stall that keeps recurring is a
+# bug to read the stacks of, not to retry. The next start resumes from the latest complete checkpoint.
+dapo_requeue_if_needed() {
+	local status=$1 reason count count_file
+	[[ -n ${SLURM_JOB_ID:-} ]] || return 0
+	if [[ $DAPO_SIGNAL == USR1 ]]; then
+		reason="the time limit is near"
+	elif ((status)) && dapo_stalled; then
+		count_file="$RUN_DIR/logs/watchdog/stall-requeues-$SLURM_JOB_ID"
+		count=$(($(cat "$count_file" 2>/dev/null || echo 0) + 1))
+		if ((count > ${STALL_REQUEUES:-3})); then
+			dapo_log "training stalled again: not requeueing after ${STALL_REQUEUES:-3} stalls; read the" \
+				"stacks in $RUN_DIR/logs/watchdog/"
+			return 0
+		fi
+		echo "$count" >"$count_file"
+		reason="training stalled, stacks in $RUN_DIR/logs/watchdog/; stall $count of ${STALL_REQUEUES:-3}"
+	else
+		return 0
 	fi
+	dapo_log "requeueing job $SLURM_JOB_ID ($reason): it resumes from the latest checkpoint under $RUN_DIR"
+	scontrol requeue "$SLURM_JOB_ID"
 }
 
 dapo_slurm_main() {
@@ -344,12 +367,14 @@ dapo_slurm_main() {
 	local status=0
 	if dapo_wait_servers; then
 		dapo_train_step
+		DAPO_TRAIN_STARTED="$RUN_DIR/logs/.train-started"
+		touch "$DAPO_TRAIN_STARTED"
 		dapo_log "starting training on ${#TRAIN_HOSTS[@]} node(s), rendezvous at $MASTER_ADDR:$MASTER_PORT"
 		"${STEP_CMD[@]}" &
 		DAPO_TRAIN_PID=$!
 		dapo_wait "$DAPO_TRAIN_PID" || status=$?
 	fi
-	dapo_requeue_if_signalled
+	dapo_requeue_if_needed "$status"
 	return "$status"
 }
 

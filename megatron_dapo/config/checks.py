@@ -86,6 +86,8 @@ RANGES: dict[str, Interval] = {
     "train.steps": _AT_LEAST_1,
     "train.seed": Interval(0, 2**32 - 1, "[]"),  # numpy refuses negative seeds; 32 bits suit every consumer
     "train.mismatch_kl_warn": _POSITIVE,
+    "train.stall_timeout_s": Interval(0, note=" (0: no deadline)"),
+    "train.rollout_stall_timeout_s": Interval(0, note=" (0: no deadline)"),
     "checkpoint.save_every_steps": Interval(0, note=" (0: never)"),
     "checkpoint.keep_last": Interval(0, note=" (0 keeps all)"),
     "eval.every_steps": Interval(0, note=" (0: never)"),

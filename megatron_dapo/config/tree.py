@@ -126,6 +126,11 @@ class TrainConfig:
     # warning: the engine samples from other weights than the trainer's (a stale tensor after weight sync, a
     # precision gap). The CPU engine and trainer, both fp32 at the same weights, stay far below 1e-4.
     mismatch_kl_warn: float = 0.01
+    # Stall watchdog (trainer/watchdog.py): a phase of a step running past its deadline dumps every rank's
+    # Python stacks to logging.dir/logs/watchdog/ and exits with code 75, for the job to be requeued. Keep
+    # both below the 180-minute collective timeout (trainer/loop.py), which would otherwise end the run first.
+    stall_timeout_s: float = 1800.0  # old log-probs, each update, weight sync, checkpoint save; 0: none
+    rollout_stall_timeout_s: float = 7200.0  # generation: the step's rollout, evaluation; 0: none
 
 
 @dataclass

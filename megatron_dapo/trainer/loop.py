@@ -4,7 +4,9 @@ Two roles do the work and this file only calls them: the rollout role (trainer/r
 engine, the prompt stream, dynamic sampling, evaluation) and the policy role (trainer/policy/, every rank:
 the Megatron policy and its updates). Each step's batch goes from the one to the other as tensors, each
 data-parallel rank receiving its own share (trainer/distribute.py); the weights go back through the
-publisher (sync/publisher.py). An overlapped loop is another file of calls on the same roles.
+publisher (sync/publisher.py). An overlapped loop is another file of calls on the same roles. Every phase
+of a step (rollout, old log-probs, each update, weight sync, evaluation, save) runs under the stall
+watchdog's deadline (trainer/watchdog.py), so that a hang ends in stacks, a report and a requeue.
 """
 
 import contextlib
@@ -30,6 +32,7 @@ from megatron_dapo.trainer.policy.role import PolicyRole
 from megatron_dapo.trainer.rollout.role import RolloutRole
 from megatron_dapo.trainer.signals import StopRequest
 from megatron_dapo.trainer.tracking import MetricsTracker
+from megatron_dapo.trainer.watchdog import watchdog_for
 
 logger = logging.getLogger("megatron_dapo.train")
 
@@ -75,29 +78,33 @@ class Trainer:
 
     def generate(self, metrics: Metrics) -> RankBatch:
         """Rank 0 runs the rollout and cuts the step into data-parallel shares; each rank receives its own."""
-        shares = None
-        if self.rollout is not None:
-            batch, rollout_metrics = self.rollout.generate(self.step)
-            _merge(metrics, rollout_metrics)
-            self.publisher.release_engine_memory()  # training needs the GPU memory colocated servers hold
-            shares = self.policy.shard(batch)
-        return self.distribute(shares)
+        with self.watchdog.phase("rollout", self.step):  # every rank: the others wait in `distribute`
+            shares = None
+            if self.rollout is not None:
+                batch, rollout_metrics = self.rollout.generate(self.step)
+                _merge(metrics, rollout_metrics)
+                self.publisher.release_engine_memory()  # training needs the memory colocated servers hold
+                shares = self.policy.shard(batch)
+            return self.distribute(shares)
 
     def sync_weights(self, metrics: Metrics | None = None) -> None:
         """Collective: the policy's weights to the engine, as weight version `step`."""
-        report = self.publisher.publish(self.policy.model, self.hf_config, self.step)
+        with self.watchdog.phase("weight_sync", self.step):
+            report = self.publisher.publish(self.policy.model, self.hf_config, self.step)
         if metrics is not None:
             metrics["weight_sync"] = report.metrics(prefix="")
             metrics["timing"]["weight_sync_s"] = report.seconds
 
     def evaluate(self) -> Metrics:
-        return self.rollout.evaluate() if self.rollout is not None else {}
+        with self.watchdog.phase("eval", self.step):
+            return self.rollout.evaluate() if self.rollout is not None else {}
 
     def save(self) -> None:
         """Collective: the whole run state at this step, atomically."""
         started = time.perf_counter()
         rollout_state = self.rollout.state_dict() if self.rollout is not None else {}
-        path = self.policy.save(self.checkpoint_root, self.step, rollout_state)
+        with self.watchdog.phase("save", self.step):
+            path = self.policy.save(self.checkpoint_root, self.step, rollout_state)
         logger.info("saved %s", path)
         self.tracker.log(self.step, {"timing": {"save_s": time.perf_counter() - started}})
 
@@ -111,6 +118,8 @@ class Trainer:
             parallel_dims(cfg), seed=cfg.train.seed, timeout_minutes=COLLECTIVE_TIMEOUT_MINUTES
         )
         self._closing.callback(destroy_parallel)
+        self.watchdog = watchdog_for(cfg, rank=dist.get_rank(), world_size=dist.get_world_size())
+        self._closing.callback(self.watchdog.close)
         self.distribute = partial(distribute_batch, pg=self.pg)
         self.run_dir = Path(cfg.logging.dir)
         self.checkpoint_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
@@ -121,7 +130,7 @@ class Trainer:
             self._closing.callback(self.rollout.close)
         resume_from = self._resume_point()
         initial = resume_from or (Path(cfg.model.load) if cfg.model.load else None)
-        self.policy = PolicyRole(cfg, self.hf_config, self.pg, weights=initial)
+        self.policy = PolicyRole(cfg, self.hf_config, self.pg, weights=initial, watch=self.watchdog.phase)
         self.step = 0
         if resume_from is not None:
             state = self.policy.resume(resume_from, rank=dist.get_rank())

@@ -76,6 +76,13 @@ elif prog == "torchrun":
     os.execvp("python", ["python", *command])
 elif prog == "python" and argv[1] == "sglang.launch_server":
     until_signalled("server", 60)
+elif prog == "python" and os.environ.get("FAKE_TRAIN_EXIT"):  # the watchdog's exit (75), or a crash
+    if os.environ.get("FAKE_TRAIN_STACKS"):
+        watchdog = os.path.join(os.environ["RUN_DIR"], "logs", "watchdog")
+        os.makedirs(watchdog, exist_ok=True)
+        with open(os.path.join(watchdog, "stacks-rank0.txt"), "a") as stacks:
+            stacks.write("=== rank 0 stalled in weight_sync of step 3 ===\n")
+    sys.exit(int(os.environ["FAKE_TRAIN_EXIT"]))
 elif prog == "python":
     until_signalled("train", float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
 '''
@@ -84,7 +91,7 @@ FAKES = ("srun", "scontrol", "sbatch", "torchrun", "python", "curl")
 _LAUNCH_VARIABLES = {
     "CONFIG", "RUN_DIR", "HF_MODEL", "DATA", "EVAL_DATA", "LOAD", "MODEL_SHAPE", "NODES", "GPUS_PER_NODE",
     "GPU_MEMORY_GIB", "ROLLOUT_PLACEMENT", "ROLLOUT_NODES", "MASTER_PORT", "MASTER_ADDR", "NPROC", "DRY_RUN",
-    "CHECKPOINT_GRACE_S", "SERVER_START_TIMEOUT_S", "DAPO_API_KEY",
+    "CHECKPOINT_GRACE_S", "SERVER_START_TIMEOUT_S", "DAPO_API_KEY", "STALL_REQUEUES",
 }  # fmt: skip
 
 
@@ -225,6 +232,18 @@ def test_usr1_reaches_training_which_checkpoints_and_the_job_requeues(fake_clust
     assert ["requeue", "4242"] in [c["argv"] for c in calls(env, "scontrol")]
     assert "received SIGUSR1" in stderr
     _assert_all_exited(env)
+
+
+def test_a_stall_requeues_the_job_a_bounded_number_of_times_and_a_crash_does_not(fake_cluster):
+    stalls = dict(fake_cluster, FAKE_TRAIN_EXIT="75", FAKE_TRAIN_STACKS="1", STALL_REQUEUES="2")
+    requeues = []
+    for env in (stalls, dict(stalls, FAKE_TRAIN_STACKS=""), stalls, stalls):  # stall, crash, stall, stall
+        result = run(SBATCH_7B, env)
+        assert result.returncode != 0
+        requeues.append(sum(c["argv"] == ["requeue", "4242"] for c in calls(env, "scontrol")))
+        _assert_all_exited(env)
+    assert requeues == [1, 1, 2, 2]  # the crash (no new stacks) and the third stall do not requeue
+    assert "training stalled again: not requeueing after 2 stalls" in result.stderr
 
 
 def test_dry_run_prints_config_and_each_nodes_commands_and_starts_nothing(fake_cluster):

@@ -2,15 +2,20 @@
 averages; token metrics pooled), and, over fake roles, the order of a step, the evaluation and save cadence,
 the stop signal and resuming."""
 
+import contextlib
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
 
 from megatron_dapo.config import from_dict
 from megatron_dapo.trainer.loop import Trainer
+from megatron_dapo.trainer.policy import role as policy_role
+from megatron_dapo.trainer.policy.role import PolicyRole
 from megatron_dapo.trainer.policy.role import update_metrics as _update_metrics
 from megatron_dapo.trainer.policy.train_step import StepResult
+from megatron_dapo.trainer.watchdog import read_heartbeat, watchdog_for
 
 
 def result(applied: bool, loss: float, grad_norm: float, tokens: float, entropy_sum: float) -> StepResult:
@@ -90,6 +95,13 @@ class LoopWithFakes(Trainer):
         self.hf_config, self.checkpoint_root = {}, "ckpt"
         self.step = self.resumed_step
         self.stop = _Stop(self.stop_after, self)
+        self.watchdog = watchdog_for(self.cfg, rank=0, world_size=1)
+        self._closing.callback(self.watchdog.close)
+
+
+@pytest.fixture(autouse=True)
+def _run_dir_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # logging.dir is relative: the watchdog's heartbeats land here
 
 
 def loop_config(**sections):
@@ -142,3 +154,80 @@ def test_a_resumed_run_continues_after_its_step_without_a_new_baseline():
     trainer.fit()
     assert [c[1] for c in trainer.calls if c[0] == "generate"] == [4, 5]
     assert [c[1] for c in trainer.calls if c[0] == "evaluate"] == [4, 5]
+
+
+def test_each_phase_of_a_step_runs_under_the_watchdog():
+    trainer = LoopWithFakes(loop_config())
+    heartbeat = trainer.watchdog.heartbeat_path(0)
+    seen = []
+
+    def spy(role: SimpleNamespace, name: str) -> None:
+        """The phase the heartbeat names while the role's `name` runs."""
+        call = getattr(role, name)
+        setattr(
+            role, name, lambda *args: seen.append((name, read_heartbeat(heartbeat).where())) or call(*args)
+        )
+
+    for role, name in [
+        (trainer.rollout, "generate"),
+        (trainer.publisher, "publish"),
+        (trainer.rollout, "evaluate"),
+        (trainer.policy, "save"),
+    ]:
+        spy(role, name)
+    with trainer:
+        trainer.fit()
+    assert [s for s in seen if s[1].endswith("of step 2")] == [
+        ("generate", "rollout of step 2"),
+        ("publish", "weight_sync of step 2"),
+        ("evaluate", "eval of step 2"),
+        ("save", "save of step 2"),
+    ]
+    assert read_heartbeat(heartbeat).where() == "between phases of step 5"
+
+
+def test_the_policy_role_runs_old_logprobs_and_each_update_as_a_phase(monkeypatch):
+    """PolicyRole.train's own phases, through its hook, over a fake policy: which work runs inside which."""
+    updates = random.randint(2, 5)
+    events: list[tuple] = []
+
+    @contextlib.contextmanager
+    def watch(phase: str, part: str):
+        events.append(("enter", phase, part))
+        yield
+        events.append(("leave", phase, part))
+
+    def forward(model, microbatches, distribution, pg):
+        events.append(("forward", microbatches[0]))
+        return [(f"logprobs {microbatches[0]}", None)]
+
+    def step(model, optimizer, microbatches, objective, distribution, pg):
+        events.append(("train_step", microbatches[0]))
+        done = result(True, 0.5, 1.0, tokens=10, entropy_sum=2.0)
+        done.metrics["ratio_dev_max"] = 0.0
+        return done
+
+    monkeypatch.setattr(policy_role, "forward_logprobs", forward)
+    monkeypatch.setattr(policy_role, "train_step", step)
+    role = PolicyRole.__new__(PolicyRole)  # no Megatron model: the phases are what this test is about
+    optimizer = SimpleNamespace(param_groups=[{"lr": 1e-6}])
+    role.policy = SimpleNamespace(scheduler=SimpleNamespace(step=lambda n: None), optimizer=optimizer)
+    role.policy.ddp = role.policy.distribution = role.pg = None
+    role.pad_multiple, role.watch = 1, watch
+    role._objective = lambda batch, microbatches, old: None
+    role._mismatch = lambda batch, old: events.append(("mismatch",)) or {}  # collective: pi_old's phase
+    minibatches = [[SimpleNamespace(sample_ids=[m])] for m in range(updates)]
+    share = SimpleNamespace(data=None, microbatches=lambda pad: minibatches)
+    metrics = role.train(share)
+    assert metrics["train"]["updates"] == updates
+    old_logprobs = [("forward", minibatch[0]) for minibatch in minibatches]  # every pi_old before any update
+    assert events[: updates + 3] == [
+        ("enter", "old_logprobs", ""),
+        *old_logprobs,
+        ("mismatch",),
+        ("leave", "old_logprobs", ""),
+    ]
+    for update, minibatch in enumerate(minibatches, 1):
+        part = f"{update}/{updates}"
+        at = events.index(("enter", "update", part))
+        assert events[at : at + 3] == [events[at], ("train_step", minibatch[0]), ("leave", "update", part)]

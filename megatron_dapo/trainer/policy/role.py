@@ -2,9 +2,11 @@
 share of each step that reaches it (trainer/distribute.py): pi_old first, then one clipped update per
 mini-batch. It also saves and loads the whole run state, collectively."""
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,28 @@ from megatron_dapo.trainer.policy.train_step import StepResult, all_reduce_sums,
 logger = logging.getLogger("megatron_dapo.train")
 
 Metrics = dict[str, dict[str, float]]  # group ("train", "timing", ...) -> name -> value
+# Runs a part of the step under a name, e.g. the stall watchdog's deadline (trainer/watchdog.py):
+# watch(phase, part) -> context manager.
+PhaseHook = Callable[[str, str], contextlib.AbstractContextManager[object]]
+
+
+def unwatched(phase: str, part: str) -> contextlib.AbstractContextManager[object]:
+    return contextlib.nullcontext()
 
 
 class PolicyRole:
     """This rank's stage of the policy, its optimizer and learning-rate schedule."""
 
     def __init__(
-        self, cfg: DapoConfig, hf_config: dict[str, Any], pg: ProcessGroupCollection, *, weights: Path | None
+        self,
+        cfg: DapoConfig,
+        hf_config: dict[str, Any],
+        pg: ProcessGroupCollection,
+        *,
+        weights: Path | None,
+        watch: PhaseHook = unwatched,
     ) -> None:
-        self.cfg, self.pg = cfg, pg
+        self.cfg, self.pg, self.watch = cfg, pg, watch
         self.policy = build_policy(cfg, hf_config, pg, weights=weights)
         self.settings = objective_settings(cfg)
         p = cfg.parallel
@@ -59,20 +74,24 @@ class PolicyRole:
         started = time.perf_counter()
         self.policy.scheduler.step(1)  # warm-up counts rollout steps
         minibatches = share.microbatches(self.pad_multiple)
-        old_logprobs = [self._old_logprobs(microbatches) for microbatches in minibatches]
-        old_logprobs_s = time.perf_counter() - started
-        mismatch = self._mismatch(share.data, old_logprobs)
-        results = [
-            train_step(
-                self.policy.ddp,
-                self.policy.optimizer,
-                microbatches,
-                self._objective(share.data, microbatches, old),
-                self.policy.distribution,
-                self.pg,
-            )
-            for microbatches, old in zip(minibatches, old_logprobs, strict=True)
-        ]
+        with self.watch("old_logprobs", ""):
+            old_logprobs = [self._old_logprobs(microbatches) for microbatches in minibatches]
+            old_logprobs_s = time.perf_counter() - started
+            mismatch = self._mismatch(share.data, old_logprobs)
+        results = []
+        for update, (microbatches, old) in enumerate(zip(minibatches, old_logprobs, strict=True), 1):
+            with self.watch("update", f"{update}/{len(minibatches)}"):
+                objective = self._objective(share.data, microbatches, old)
+                results.append(
+                    train_step(
+                        self.policy.ddp,
+                        self.policy.optimizer,
+                        microbatches,
+                        objective,
+                        self.policy.distribution,
+                        self.pg,
+                    )
+                )
         for update, result in enumerate(results, 1):
             if not result.applied:
                 logger.warning(
