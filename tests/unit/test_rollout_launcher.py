@@ -173,7 +173,9 @@ def launch():
     print(server.process.pid, flush=True)
     threading.Event().wait()
 
-threading.Thread(target=launch).start()
+thread = threading.Thread(target=launch)
+thread.start()
+thread.join()  # the main thread stays: Python 3.12 refuses preexec_fn once it has ended
 """
 
 
