@@ -77,6 +77,7 @@ class Trainer:
         """Rank 0 runs the rollout and cuts the step into data-parallel shares; each rank receives its own."""
         shares = None
         if self.rollout is not None:
+            self.rollout.check_servers(self.step - 1)  # the weight version of the last sync
             batch, rollout_metrics = self.rollout.generate(self.step)
             _merge(metrics, rollout_metrics)
             self.publisher.release_engine_memory()  # training needs the GPU memory colocated servers hold
