@@ -9,12 +9,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from megatron_dapo.config import ConfigError, from_dict
+from megatron_dapo.eval.job import leave_out_silent_servers
 from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.deadline import SPEED_WINDOW, DeadlinePolicy, SpeedMeter
 from megatron_dapo.rollout.engine import EngineUnavailableError
 from megatron_dapo.rollout.failover import check_servers
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
+from megatron_dapo.trainer.rollout.engine import request_deadlines
 from tests.unit.test_rollout_client import FAST_RETRY, PARAMS, FakeServer
 
 SHORT = DeadlinePolicy(floor_s=0.5, min_tokens_per_s=100.0, slack=1.0)  # 0.52 s for PARAMS' 2 tokens
@@ -146,3 +149,37 @@ def test_check_admits_current_servers_holds_out_stale_ones_and_skips_silent_ones
                 assert client.failures == 3  # the same failures, not counted again
 
     asyncio.run(scenario())
+
+
+def test_dapo_eval_leaves_out_a_silent_server_and_refuses_when_none_answers():
+    async def scenario():
+        async with SilentServer() as silent, VersionServer(0) as alive:
+            async with SGLangClient([silent.url, alive.url], retry=FAST_RETRY) as client:
+                started = time.monotonic()
+                await leave_out_silent_servers(client)
+                assert time.monotonic() - started < FAST_RETRY.connect_timeout_s + 1.0
+                assert client.down_servers() == [silent.url]
+                [completion] = await client.generate([1], PARAMS)
+                assert completion.meta["server"] == alive.url and silent.requests == 1  # its /health only
+            async with SGLangClient([silent.url], retry=FAST_RETRY) as client:
+                with pytest.raises(EngineUnavailableError, match="no server answers /health"):
+                    await leave_out_silent_servers(client)
+
+    asyncio.run(scenario())
+
+
+def test_the_trainer_client_takes_its_deadlines_from_the_config():
+    rng = random.Random()
+    floor_s, speed, slack = rng.uniform(1, 600), rng.uniform(0.1, 100), rng.uniform(1, 10)
+    cfg = from_dict(
+        {
+            "rollout": {
+                "request_deadline_floor_s": floor_s,
+                "request_min_tokens_per_s": speed,
+                "request_deadline_slack": slack,
+            }
+        }
+    )
+    assert request_deadlines(cfg.rollout) == DeadlinePolicy(floor_s, speed, slack)
+    with pytest.raises(ConfigError, match=r"rollout\.request_deadline_slack"):
+        from_dict({"rollout": {"request_deadline_slack": 0.5}})
