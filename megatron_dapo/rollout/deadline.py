@@ -3,8 +3,12 @@
 A server that accepts connections but never answers would otherwise hold a request forever. Each request gets
 floor_s + max_new_tokens x slack / speed, where speed is the slowest tokens/s among the server's recently
 finished samples (measured by the client, so queueing counts), or min_tokens_per_s before any has finished.
+The clock starts at dispatch and again whenever another sample of the same server finishes: a server with a
+long queue keeps its samples as long as it keeps finishing some (SGLangClient._within_deadline).
 """
 
+import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,11 +35,18 @@ class SpeedMeter:
     def __init__(self, policy: DeadlinePolicy) -> None:
         self.policy = policy
         self._speeds: dict[str, deque[float]] = {}
+        self._last_finished: dict[str, float] = {}  # time.monotonic() of each server's latest answer
 
     def record(self, url: str, tokens: int, seconds: float) -> None:
-        """A sample of `tokens` finished on `url` after `seconds`; samples without tokens say nothing."""
+        """A sample of `tokens` finished on `url` after `seconds`; samples without tokens say nothing of
+        speed, but show the server alive."""
+        self._last_finished[url] = time.monotonic()
         if tokens > 0 and seconds > 0:
             self._speeds.setdefault(url, deque(maxlen=SPEED_WINDOW)).append(tokens / seconds)
+
+    def last_finished(self, url: str) -> float:
+        """When a sample of `url` last finished (time.monotonic()); -inf if none has."""
+        return self._last_finished.get(url, -math.inf)
 
     def tokens_per_s(self, url: str) -> float | None:
         """The slowest recent sample's speed on `url`; None before any has finished."""
@@ -49,3 +60,4 @@ class SpeedMeter:
     def forget(self, url: str) -> None:
         """A restarted server starts over: its old speed may not hold."""
         self._speeds.pop(url, None)
+        self._last_finished.pop(url, None)

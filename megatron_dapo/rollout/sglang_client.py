@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,11 +195,13 @@ class SGLangClient:
         while True:
             if request_id in self._aborted:  # aborted before reaching a server
                 return Completion([], [], FinishReason.ABORT, self.weight_version, {"id": body["rid"]})
-            deadline_s = self.speeds.deadline_s(sample.url, max_new_tokens)
             started = time.monotonic()
             try:
-                answer = await self._request(
-                    "POST", sample.url, protocol.GENERATE, body, timeout_s=deadline_s
+                answer = await self._within_deadline(
+                    self._request("POST", sample.url, protocol.GENERATE, body, timeout_s=None),
+                    sample.url,
+                    max_new_tokens,
+                    started,
                 )
             except EngineUnavailableError as error:
                 if self.router_url is not None:
@@ -214,6 +216,29 @@ class SGLangClient:
             completion.meta["server"] = sample.url
             self.speeds.record(sample.url, len(completion.token_ids), time.monotonic() - started)
             return completion
+
+    async def _within_deadline(
+        self, request: Coroutine[Any, Any, Any], url: str, max_new_tokens: int, started: float
+    ) -> Any:
+        """The answer of a /generate request; EngineTimeoutError once neither it nor any other sample of
+        its server has finished within the deadline. The clock restarts whenever one does: a busy server
+        queues samples, and those it finishes show it alive."""
+        task = asyncio.ensure_future(request)
+        try:
+            while True:
+                deadline_s = self.speeds.deadline_s(url, max_new_tokens)
+                remaining = max(started, self.speeds.last_finished(url)) + deadline_s - time.monotonic()
+                if remaining <= 0:
+                    raise EngineTimeoutError(
+                        url,
+                        f"{protocol.GENERATE} got no answer within {deadline_s:.1f} s, nor did any other "
+                        "sample of this server finish",
+                    )
+                done, _ = await asyncio.wait({task}, timeout=remaining)
+                if done:
+                    return task.result()
+        finally:
+            task.cancel()  # closing the connection aborts the sample server-side
 
     async def abort(self, request_id: str) -> None:
         samples = self._inflight.get(request_id)

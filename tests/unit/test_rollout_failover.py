@@ -107,6 +107,38 @@ def test_a_silent_server_loses_its_samples_to_another_within_the_deadline():
     asyncio.run(scenario())
 
 
+class QueueingServer(FakeServer):
+    """Answers at once, except request "queued", which it answers after `delay_s` (as if queued)."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        if (await request.json())["rid"].startswith("queued"):
+            await asyncio.sleep(self.delay_s)
+        return await super()._generate(request)
+
+
+def test_a_queued_sample_keeps_its_server_while_other_samples_finish():
+    async def scenario():
+        async with QueueingServer(delay_s=4 * SHORT.floor_s) as busy:
+            async with SGLangClient([busy.url], retry=FAST_RETRY, deadlines=SHORT) as client:
+                queued = asyncio.ensure_future(client.generate([1], PARAMS, request_id="queued"))
+                while not queued.done():  # the server finishes another sample every 0.1 s meanwhile
+                    await client.generate([2], PARAMS)
+                    await asyncio.sleep(0.1)
+                [completion] = await queued
+                assert completion.token_ids and completion.meta["server"] == busy.url
+                assert client.failures == 0
+            # With nothing else finishing, the same wait is past the deadline (of a client with no measure).
+            async with SGLangClient([busy.url], retry=FAST_RETRY, deadlines=SHORT) as client:
+                with pytest.raises(EngineUnavailableError, match="no answer within"):
+                    await client.generate([1], PARAMS, request_id="queued-alone")
+
+    asyncio.run(scenario())
+
+
 def test_only_a_silent_server_fails_with_a_clear_error_in_bounded_time():
     async def scenario():
         async with SilentServer() as silent, SGLangClient([silent.url], deadlines=SHORT) as client:
