@@ -19,12 +19,14 @@ from megatron_dapo.algo.metrics import (
     rollout_metric_sums,
     token_metric_sums,
 )
+from megatron_dapo.algo.mismatch import RATIO_BAND, mismatch_metric_sums
 from megatron_dapo.algo.overlong import overlong_filter_mask, overlong_penalty, overlong_penalty_tensor
 from megatron_dapo.algo.sampling import DynamicSampler, DynamicSamplingError, is_informative
 from megatron_dapo.algo.saturation import Outcome, SaturationPolicy, SkipSettings, group_outcome
 
 __all__ = [
     "LOSS_AGGREGATIONS",
+    "RATIO_BAND",
     "DynamicSampler",
     "DynamicSamplingError",
     "LossAggregation",
@@ -40,6 +42,7 @@ __all__ = [
     "is_informative",
     "local_denominator",
     "merge_metric_sums",
+    "mismatch_metric_sums",
     "overlong_filter_mask",
     "overlong_penalty",
     "overlong_penalty_tensor",

@@ -25,7 +25,8 @@ def token_metric_sums(
     out: `policy_loss`'s output; logprobs: [T] under the new policy; entropy: [T] of the new policy's
     next-token distribution; loss_mask: [T] bool or 0/1. Clipping is counted as PPO means it: a token is
     clipped when the clip removes its gradient (upper: A > 0 and r > 1 + eps_high; lower: A < 0 and
-    r < 1 - eps_low). Approx KL(old || new) is the k3 estimator (r - 1) - log r, r = pi_new / pi_old.
+    r < 1 - eps_low). Approx KL(old || new) is the k3 estimator (r - 1) - log r, r = pi_new / pi_old;
+    "ratio_dev_max" is the largest |r - 1|.
     """
     valid = loss_mask != 0
     zero = torch.zeros((), dtype=torch.float64, device=logprobs.device)
@@ -42,6 +43,8 @@ def token_metric_sums(
         "dual_clip_tokens": total(out.dual_clipped.to(torch.float64)),
         "clip_upper_prob_sum": total(logprobs.to(torch.float64).exp() * out.clipped_upper),
         "approx_kl_sum": total(ratio - 1 - ratio.log()),
+        # the first update of a step runs at pi_old's weights, where this must be exactly 0
+        "ratio_dev_max": torch.where(valid, (ratio - 1).abs(), zero).max() if valid.numel() else zero,
     }
 
 
@@ -104,6 +107,14 @@ _RATIOS = {
     "accuracy": ("correct_samples", "samples"),
     "groups_all_correct_share": ("groups_all_correct", "groups"),
     "groups_all_wrong_share": ("groups_all_wrong", "groups"),
+    "mismatch_kl": ("mismatch_k3_sum", "mismatch_tokens"),
+    "mismatch_logprob_diff_mean": ("mismatch_abs_diff_sum", "mismatch_tokens"),
+    "mismatch_ratio_outside_share": ("mismatch_outside_tokens", "mismatch_tokens"),
+}
+# maxima logged as they are: (key, the count that must be positive)
+_MAXIMA = {
+    "response_length_max": "samples",
+    "mismatch_logprob_diff_max": "mismatch_tokens",
 }
 
 
@@ -114,6 +125,7 @@ def finalize_metrics(sums: dict[str, Tensor]) -> dict[str, float]:
     for name, (num, den) in _RATIOS.items():
         if num in sums and den in sums and float(sums[den]) > 0:
             result[name] = float(sums[num]) / float(sums[den])
-    if "response_length_max" in sums and float(sums.get("samples", 0)) > 0:
-        result["response_length_max"] = float(sums["response_length_max"])
+    for name, count in _MAXIMA.items():
+        if name in sums and float(sums.get(count, 0)) > 0:
+            result[name] = float(sums[name])
     return result

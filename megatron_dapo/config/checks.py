@@ -88,6 +88,7 @@ RANGES: dict[str, Interval] = {
     "train.tokens_per_microbatch": _AT_LEAST_1,
     "train.steps": _AT_LEAST_1,
     "train.seed": Interval(0, 2**32 - 1, "[]"),  # numpy refuses negative seeds; 32 bits suit every consumer
+    "train.mismatch_kl_warn": _POSITIVE,
     "checkpoint.save_every_steps": Interval(0, note=" (0: never)"),
     "checkpoint.keep_last": Interval(0, note=" (0 keeps all)"),
     "eval.every_steps": Interval(0, note=" (0: never)"),

@@ -3,6 +3,7 @@ every unknown key and every value of the wrong type is named with the fix."""
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -13,6 +14,8 @@ import yaml
 from megatron_dapo.config.checks import ConfigError
 from megatron_dapo.config.presets import PRESETS
 from megatron_dapo.config.tree import DapoConfig
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DapoConfig:
@@ -149,6 +152,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-6 (no dot) as text; everyone writes it so
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -128,6 +128,10 @@ class TrainConfig:
     # same batches. Slower; pair with rollout.max_running_requests=1 on the CPU engine, whose float rounding
     # otherwise depends on which requests share a batch.
     deterministic: bool = False
+    # A step whose train/mismatch_kl (KL(pi_rollout || pi_old), nats per response token) exceeds this logs a
+    # warning: the engine samples from other weights than the trainer's (a stale tensor after weight sync, a
+    # precision gap). The CPU engine and trainer, both fp32 at the same weights, stay far below 1e-4.
+    mismatch_kl_warn: float = 0.01
 
 
 @dataclass

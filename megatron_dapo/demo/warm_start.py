@@ -29,7 +29,7 @@ from megatron_dapo.demo.tokenizer import build_demo_tokenizer
 from megatron_dapo.reward import compute_score
 
 # Part of the cache key: bump when the training recipe changes, so stale models are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 METADATA_FILE = "warm_start.json"
 EVAL_SEED = 2**31 - 1  # problems for measuring accuracy, drawn apart from the training stream
 HELD_OUT_PROBLEMS = 128  # drawn, before duplicates are merged
@@ -78,7 +78,9 @@ def build_model(settings: WarmStartSettings, tokenizer: PreTrainedTokenizerBase)
         num_hidden_layers=settings.num_layers,
         num_attention_heads=settings.num_attention_heads,
         num_key_value_heads=settings.num_key_value_heads,
-        max_position_embeddings=256,
+        # The engine's context: room for real benchmark prompts (dapo-eval --data aime2024 is ~800 of the
+        # demo's character tokens). With RoPE, weights and short sequences are the same at any value.
+        max_position_embeddings=4096,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

@@ -52,9 +52,11 @@ def test_killed_server_is_detected_and_restarted(pool):
     async def scenario():
         first, second = pool.servers
         async with SGLangClient(pool.urls, retry=RETRY) as client:
-            long = SamplingParams(temperature=1.0, max_new_tokens=1500, seed=1)  # outlasts the 0.5 s below
+            # Long enough to be still running at the kill on an idle machine (300 tokens could finish first).
+            long = SamplingParams(temperature=1.0, max_new_tokens=1500, seed=1)
             task = asyncio.ensure_future(client.generate([1, 2, 3], long, n=2))  # to the first server
             await asyncio.sleep(0.5)
+            assert not task.done(), "the request ended before the kill: the test would not cover a restart"
             os.kill(first.process.pid, signal.SIGKILL)
             # The samples restart on the other server and finish there.
             completions = await task
@@ -79,7 +81,7 @@ def test_killed_server_is_detected_and_restarted(pool):
 
 
 # A trainer stand-in: launches a CPU engine as the trainer does (ServerPool on a BackgroundLoop), pushes
-# weights through a host-memory segment as the trainer does, prints the engine's pid and waits to be killed.
+# weights through a shared-memory segment, prints the engine's pid and waits to be killed.
 TRAINER = """
 import sys, threading
 from transformers import AutoModelForCausalLM

@@ -7,22 +7,19 @@ warm-started model, so the demo finds it there as a second run of the demo would
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 from megatron_dapo.demo.run import WARM_START
-from tests.e2e.test_train import ENV, REPO, make_demo_inputs
+from tests.helpers.demo_run import run
 
 pytestmark = pytest.mark.slow
 
 
-def test_the_demo_trains_and_reports(request, tmp_path_factory, tmp_path):
+def test_the_demo_trains_and_reports(demo_inputs, tmp_path):
     cache = tmp_path / "cache"
-    shutil.copytree(
-        make_demo_inputs(request, tmp_path_factory)["model"], cache / f"warm_start-{WARM_START.cache_key()}"
-    )
+    shutil.copytree(demo_inputs["model"], cache / f"warm_start-{WARM_START.cache_key()}")
     out = tmp_path / "demo"
     command = [
         *(
@@ -38,10 +35,8 @@ def test_the_demo_trains_and_reports(request, tmp_path_factory, tmp_path):
         ),
         *("train.prompts_per_step=4", "train.samples_per_minibatch=16", "eval.samples_per_problem=2"),
     ]
-    with (tmp_path / "demo.log").open("w") as log:  # a file, not a pipe: see tests/e2e/test_train.py's run()
-        code = subprocess.run(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, timeout=300, cwd=REPO)
-    output = (tmp_path / "demo.log").read_text()
-    assert code.returncode == 0, output[-4000:]
+    code, output = run(command, tmp_path / "demo.log")
+    assert code == 0, output[-4000:]
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "dapo" and summary["steps"] == 2

@@ -19,16 +19,11 @@ from pathlib import Path
 import pytest
 
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
-from tests.e2e.test_train import ENV, make_demo_inputs, read_steps, run, train_command
+from tests.helpers.demo_run import ENV, read_steps, run, train_command
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def demo_inputs(request, tmp_path_factory):
-    return make_demo_inputs(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

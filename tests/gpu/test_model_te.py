@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from megatron_dapo.parallel.state import ParallelDims
-from tests.parallel.launcher import DistributedPool
-from tests.parallel.model_runs import TEMPERATURE, RunSpec, reference_run, split_run
-from tests.parallel.tiny_models import (
+from tests.helpers.distributed_pool import DistributedPool
+from tests.helpers.model_runs import TEMPERATURE, RunSpec, reference_run, split_run
+from tests.helpers.tiny_models import (
     hf_response_logprobs,
     random_samples,
     save_tiny_checkpoint,

@@ -35,7 +35,7 @@ from megatron_dapo.sync import sync_weights
 from megatron_dapo.sync.broadcast import BroadcastTransport
 from megatron_dapo.sync.placement import Colocation, ServerPlacement, node_name
 from megatron_dapo.sync.tensor import TensorTransport
-from tests.parallel.tiny_models import save_tiny_checkpoint, single_process_groups, tiny_config, tiny_hf_model
+from tests.helpers.tiny_models import save_tiny_checkpoint, single_process_groups, tiny_config, tiny_hf_model
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,7 @@ from megatron_dapo.parallel.state import ParallelDims, init_parallel
 from megatron_dapo.trainer.batch import StepBatch
 from megatron_dapo.trainer.distribute import distribute_batch, encode
 from tests.helpers.batches import random_groups
-from tests.parallel.launcher import DistributedPool
+from tests.helpers.distributed_pool import DistributedPool
 
 pytestmark = pytest.mark.slow
 

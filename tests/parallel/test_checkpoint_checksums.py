@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron_dapo.checkpoint.manifest import MANIFEST, CorruptCheckpointError, read_manifest
 from megatron_dapo.checkpoint.rl_state import RLState, begin_save, finish_save, save_rl_state
 from megatron_dapo.trainer.policy.checkpointing import gather_checksums, resume_point
-from tests.parallel.launcher import DistributedPool
+from tests.helpers.distributed_pool import DistributedPool
 
 pytestmark = pytest.mark.slow
 

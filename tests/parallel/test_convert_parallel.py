@@ -7,7 +7,6 @@ converts back to the original Hugging Face tensors bit for bit.
 """
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ import transformers
 
 from megatron_dapo.checkpoint import convert
 from megatron_dapo.checkpoint.torch_dist import CheckpointReader
-from tests.unit.test_convert import hf_tensors, save_tiny_hf_model
+from megatron_dapo.rollout.launcher import free_port
+from tests.helpers.tiny_models import hf_tensors, save_tiny_hf_model
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +26,6 @@ CASES = {"qwen2": ("qwen2", False), "qwen3_tied": ("qwen3", True), "llama": ("ll
 LAYOUTS = ("tp2pp2", "tp1pp1")  # the layout each checkpoint was converted at; all load at TP=2 x PP=2
 WORLD_SIZE = 4
 BATCH, SEQ = 2, 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pipeline_logprobs(model, tokens: torch.Tensor, pg, vocab_size: int) -> torch.Tensor | None:
@@ -93,7 +87,7 @@ def world(tmp_path_factory):
         torch.save(tokens, root / case / "tokens.pt")
         with torch.no_grad():
             references[case] = torch.log_softmax(model(tokens).logits.double(), dim=-1)
-    mp.spawn(_worker, args=(_free_port(), root), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), root), nprocs=WORLD_SIZE, join=True)
     # Global rank 3 is the last pipeline stage's TP rank 1 ... any last-stage rank holds the gathered result.
     logprobs = torch.load(root / f"results_rank{WORLD_SIZE - 1}.pt")
     return root, logprobs, references

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.model.logprobs import logprobs_from_hidden, logprobs_from_logits, token_loss_from_hidden
-from tests.parallel.launcher import DistributedPool
+from tests.helpers.distributed_pool import DistributedPool
 
 pytestmark = pytest.mark.slow
 

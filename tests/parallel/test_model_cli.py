@@ -11,7 +11,7 @@ import torch
 
 from megatron_dapo.checkpoint.convert import hf_to_megatron
 from megatron_dapo.logprobs import read_samples
-from tests.parallel.tiny_models import (
+from tests.helpers.tiny_models import (
     hf_response_logprobs,
     random_samples,
     save_tiny_checkpoint,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from megatron_dapo.parallel.state import ParallelDims
-from tests.parallel.launcher import DistributedPool
-from tests.parallel.model_runs import RunSpec, reference_run, resume_run, split_run
-from tests.parallel.tiny_models import (
+from tests.helpers.distributed_pool import DistributedPool
+from tests.helpers.model_runs import RunSpec, reference_run, resume_run, split_run
+from tests.helpers.tiny_models import (
     LLAMA3_ROPE,
     random_samples,
     save_tiny_checkpoint,

@@ -49,8 +49,8 @@ from megatron_dapo.sync.placement import Colocation, ServerPlacement
 from megatron_dapo.sync.report import WeightSyncError
 from megatron_dapo.sync.tensor import TensorTransport
 from megatron_dapo.trainer.policy.train_step import forward_logprobs
-from tests.parallel.launcher import DistributedPool
-from tests.parallel.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model
+from tests.helpers.distributed_pool import DistributedPool
+from tests.helpers.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model
 
 pytestmark = pytest.mark.slow
 

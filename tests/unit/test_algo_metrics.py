@@ -50,6 +50,9 @@ def test_token_metrics_match_reference() -> None:
     assert got["clipped_upper_prob_mean"] == pytest.approx(sum(upper) / len(upper), rel=1e-12)
     assert got["approx_kl"] == pytest.approx(sum(kl) / n, rel=1e-12)
     assert len(upper) > 0 and len(lower) > 0 and len(dual) > 0
+    largest = max(abs(math.exp(a - b) - 1) for a, b, _, _ in rows)  # masked tokens left out
+    ratio_dev_max = token_metric_sums(out, lp, entropy, mask)["ratio_dev_max"]
+    assert float(ratio_dev_max) == pytest.approx(largest, rel=1e-12)
 
 
 def test_k3_estimates_kl_old_to_new() -> None:

@@ -14,7 +14,7 @@ from megatron_dapo.checkpoint.model_io import load_model, save_model
 from megatron_dapo.model.build import build_gpt_model
 from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.parallel.state import ParallelDims
-from tests.parallel.tiny_models import single_process_groups, tiny_config, tiny_hf_model
+from tests.helpers.tiny_models import single_process_groups, tiny_config, tiny_hf_model
 
 CONFIG = tiny_config("qwen2")
 

@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import math
 import random
+import re
 import typing
 
 import pytest
@@ -242,3 +243,17 @@ def test_an_inherit_loop_is_one_line(tmp_path, user_error):
     )
     (tmp_path / "self.yaml").write_text("inherit: self.yaml\n")
     assert "is a loop" in user_error(train.main, ["--config", str(tmp_path / "self.yaml")])
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    """YAML 1.1 reads `1e-6` as text; a float field takes it as the number everyone means by it."""
+    rng = random.Random()
+    mantissa, exponent = rng.randint(1, 9), rng.randint(1, 9)
+    cfg = load_config(
+        None, [f"optimizer.lr={mantissa}e-{exponent}", f"optimizer.adam_eps={mantissa}E-{exponent}"]
+    )
+    assert cfg.optimizer.lr == cfg.optimizer.adam_eps == float(f"{mantissa}e-{exponent}")
+    with pytest.raises(ConfigError, match=re.escape("optimizer.lr: expected a number, got '1e-'")):
+        load_config(None, ["optimizer.lr=1e-"])
+    with pytest.raises(ConfigError, match=re.escape("train.steps: expected an integer")):
+        load_config(None, ["train.steps=1e3"])  # an integer field stays strict

@@ -20,52 +20,9 @@ from megatron_dapo.checkpoint import convert
 from megatron_dapo.checkpoint.meta import read_meta
 from megatron_dapo.checkpoint.torch_dist import CheckpointReader
 from megatron_dapo.cli import convert as convert_cli
-from megatron_dapo.demo.tokenizer import save_demo_tokenizer
 from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.hf_mapping import HFMapping, checkpoint_key
-
-CONFIGS = {
-    "qwen2": transformers.Qwen2Config,
-    "qwen3": transformers.Qwen3Config,
-    "llama": transformers.LlamaConfig,
-}
-
-
-def save_tiny_hf_model(
-    out_dir: Path,
-    model_type: str,
-    *,
-    tie: bool = False,
-    dtype: torch.dtype = torch.float32,
-    shard_size: str = "",
-) -> Path:
-    """A random 4-layer GQA model (4 heads, 2 groups) plus the demo tokenizer, saved by `save_pretrained`."""
-    extra = {"head_dim": 12} if model_type == "qwen3" else {}
-    config = CONFIGS[model_type](
-        vocab_size=110,  # not a multiple of 128: the Megatron side is padded
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        **extra,
-    )
-    torch.manual_seed(hash((model_type, tie)) % 2**31)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
-    with torch.no_grad():  # norms start at one: randomise every tensor so that no swap goes unnoticed
-        for param in model.parameters():
-            param.normal_(0, 0.5)
-    model.save_pretrained(out_dir, **({"max_shard_size": shard_size} if shard_size else {}))
-    save_demo_tokenizer(out_dir)
-    return out_dir
-
-
-def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(hf_dir.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
+from tests.helpers.tiny_models import hf_tensors, save_tiny_hf_model
 
 
 def megatron_tensors(ckpt_dir: Path) -> dict[tuple[str, int | None], torch.Tensor]:

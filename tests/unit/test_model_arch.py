@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from megatron_dapo.model.arch import GPTArch, padded_vocab_size
-from tests.parallel.tiny_models import tiny_config
+from tests.helpers.tiny_models import tiny_config
 
 
 def test_architecture_fields_are_read_from_each_family():

@@ -6,7 +6,7 @@ import torch
 from megatron_dapo.model.arch import GPTArch
 from megatron_dapo.model.build import transformer_config
 from megatron_dapo.parallel.state import ParallelDims
-from tests.parallel.tiny_models import tiny_config
+from tests.helpers.tiny_models import tiny_config
 
 
 def arch():

@@ -10,7 +10,7 @@ from megatron_dapo.model.hf_weights import load_hf_weights
 from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.parallel.state import ParallelDims
 from megatron_dapo.trainer.policy.train_step import forward_logprobs
-from tests.parallel.tiny_models import (
+from tests.helpers.tiny_models import (
     LLAMA3_ROPE,
     hf_response_logprobs,
     random_samples,

@@ -12,8 +12,8 @@ from megatron_dapo.model.policy import TokenDistribution
 from megatron_dapo.model.training import setup_training
 from megatron_dapo.parallel.state import ParallelDims
 from megatron_dapo.trainer.policy.train_step import train_step
-from tests.parallel.model_runs import WeightedLogprobObjective
-from tests.parallel.tiny_models import random_samples, single_process_groups, tiny_config, tiny_hf_model
+from tests.helpers.model_runs import WeightedLogprobObjective
+from tests.helpers.tiny_models import random_samples, single_process_groups, tiny_config, tiny_hf_model
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,7 @@ from megatron_dapo.rollout.host_payload import (
     read_host_payload,
 )
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET, ProtocolError
-
-
-def _named_tensors(generator: torch.Generator) -> list[tuple[str, torch.Tensor]]:
-    return [
-        ("model.embed_tokens.weight", torch.randn(7, 4, generator=generator)),
-        ("model.norm.weight", torch.randn(5, generator=generator).to(torch.bfloat16)),  # 10 bytes: misaligns
-        ("model.layers.0.mlp.counts", torch.randint(0, 100, (2, 3), generator=generator)),
-        ("model.layers.0.self_attn.o_proj.weight", torch.randn(3, 2, generator=generator).to(torch.float16)),
-        ("empty", torch.zeros(0, 4)),
-        ("strided_view", torch.randn(3, 4, generator=generator)[:, 1:3]),
-        ("scalar", torch.randn((), generator=generator, dtype=torch.float64)),
-    ]
+from tests.helpers.payloads import mixed_named_tensors
 
 
 def _assert_same(loaded, expected) -> None:
@@ -45,7 +34,7 @@ def _read(header: str, shm_dir, load_format=None, owner=None):
 
 @pytest.mark.parametrize("load_format", [None, FLATTENED_BUCKET])
 def test_round_trip_then_the_segment_is_gone(tmp_path, load_format):
-    named = _named_tensors(torch.Generator().manual_seed(0))
+    named = mixed_named_tensors(torch.Generator().manual_seed(0), views=True)
     writer = SegmentWriter(str(tmp_path))
     with writer.payload(named) as header:
         [segment] = os.listdir(tmp_path)

@@ -18,16 +18,7 @@ from megatron_dapo.rollout.weight_payload import (
     serialize_named_tensors,
     split_bytes,
 )
-
-
-def _named_tensors(generator: torch.Generator) -> list[tuple[str, torch.Tensor]]:
-    return [
-        ("model.embed_tokens.weight", torch.randn(7, 4, generator=generator)),
-        ("model.norm.weight", torch.randn(5, generator=generator).to(torch.bfloat16)),  # 10 bytes: misaligns
-        ("model.layers.0.mlp.counts", torch.randint(0, 100, (2, 3), generator=generator)),
-        ("model.layers.0.self_attn.o_proj.weight", torch.randn(3, 2, generator=generator).to(torch.float16)),
-        ("empty", torch.zeros(0, 4)),
-    ]
+from tests.helpers.payloads import mixed_named_tensors
 
 
 def _assert_same(loaded, expected):
@@ -68,7 +59,7 @@ def test_sglang_payloads_refuse_host_memory():
 
 
 def test_broadcast_bytes_round_trip_unaligned_mixed_dtypes():
-    named = _named_tensors(torch.Generator().manual_seed(2))
+    named = mixed_named_tensors(torch.Generator().manual_seed(2))
     flat = concat_bytes([tensor for _, tensor in named])
     shapes, dtypes = [list(t.shape) for _, t in named], [t.dtype for _, t in named]
     assert flat.dtype == torch.uint8 and flat.numel() == concat_bytes_size(shapes, dtypes)

@@ -10,7 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_dapo.algo import aggregate_loss, local_denominator, policy_loss, token_metric_sums
+from megatron_dapo.algo import (
+    aggregate_loss,
+    local_denominator,
+    merge_metric_sums,
+    policy_loss,
+    token_metric_sums,
+)
 from megatron_dapo.data.packing import Sample, pack
 from megatron_dapo.parallel.context import split_for_cp
 from megatron_dapo.trainer.batch import StepBatch
@@ -168,12 +174,12 @@ def test_metrics_are_the_reference_sums():
         for mb in microbatches
     }
     objective = DapoObjective(targets, settings)
-    got: dict[str, torch.Tensor] = {}
+    parts = []
     for mb in microbatches:
         lp = mb.scatter_response([new[i].detach() for i in mb.sample_ids])
         ent = mb.scatter_response([entropy[i] for i in mb.sample_ids])
-        for key, value in objective.metrics(mb, lp, ent).items():
-            got[key] = got.get(key, 0) + value
+        parts.append(objective.metrics(mb, lp, ent))
+    got = merge_metric_sums(parts)
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6, msg=key)

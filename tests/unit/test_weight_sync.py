@@ -29,7 +29,7 @@ from megatron_dapo.sync.placement import Colocation, ServerPlacement, node_name,
 from megatron_dapo.sync.report import StageReport, SyncReport, WeightSyncError
 from megatron_dapo.sync.tensor import TensorTransport
 from megatron_dapo.trainer.policy.train_step import forward_logprobs
-from tests.parallel.tiny_models import (
+from tests.helpers.tiny_models import (
     hf_response_logprobs,
     random_samples,
     save_tiny_checkpoint,

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_dapo.algo import finalize_metrics, merge_metric_sums
+from megatron_dapo.algo import finalize_metrics, merge_metric_sums, mismatch_metric_sums
 from megatron_dapo.checkpoint.rl_state import RLState, load_rl_state
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.data.packing import PackedBatch, sequence_pad_multiple
@@ -19,7 +20,7 @@ from megatron_dapo.trainer.batch import RankBatch, StepBatch
 from megatron_dapo.trainer.policy.build import build_policy
 from megatron_dapo.trainer.policy.checkpointing import load_optimizer, optimizer_metadata, save_checkpoint
 from megatron_dapo.trainer.policy.objective import DapoObjective, ObjectiveSettings, token_targets
-from megatron_dapo.trainer.policy.train_step import StepResult, forward_logprobs, train_step
+from megatron_dapo.trainer.policy.train_step import StepResult, all_reduce_sums, forward_logprobs, train_step
 
 logger = logging.getLogger("megatron_dapo.train")
 
@@ -60,6 +61,7 @@ class PolicyRole:
         minibatches = share.microbatches(self.pad_multiple)
         old_logprobs = [self._old_logprobs(microbatches) for microbatches in minibatches]
         old_logprobs_s = time.perf_counter() - started
+        mismatch = self._mismatch(share.data, old_logprobs)
         results = [
             train_step(
                 self.policy.ddp,
@@ -79,7 +81,10 @@ class PolicyRole:
                 )  # fmt: skip
         lr = self.policy.optimizer.param_groups[0]["lr"]
         timing = {"old_logprobs_s": old_logprobs_s, "train_s": time.perf_counter() - started}
-        return {"train": update_metrics(results, lr=lr), "timing": timing}
+        train = update_metrics(results, lr=lr) | mismatch
+        # The first update's forward runs at pi_old's weights: a ratio off 1 means the two forwards differ.
+        train["first_update_ratio_max_abs_dev"] = results[0].metrics["ratio_dev_max"]
+        return {"train": train, "timing": timing}
 
     def save(self, root: Path, step: int, rollout_state: dict[str, Any]) -> Path:
         """Collective: the whole run state at `step`, atomically (checkpoint/rl_state.py). `rollout_state`
@@ -113,6 +118,30 @@ class PolicyRole:
         results = forward_logprobs(self.policy.ddp, microbatches, self.policy.distribution, self.pg)
         ids = [i for batch in microbatches for i in batch.sample_ids if i >= 0]
         return {i: logprobs for i, (logprobs, _) in zip(ids, results, strict=True)}
+
+    def _mismatch(self, data: StepBatch, old_logprobs: list[dict[int, torch.Tensor]]) -> dict[str, float]:
+        """Collective: train/mismatch_*, the engine's log-probs against pi_old over the step's response
+        tokens; a warning above train.mismatch_kl_warn. Every rank of a DP group holds its samples' whole
+        pi_old (forward_logprobs gathers CP shares), so reducing over DP alone counts each token once."""
+        ids = [i for minibatch in old_logprobs for i in minibatch]
+        # One call on every rank, even one without samples, so that all ranks reduce the same keys.
+        empty = torch.zeros(0)
+        old = torch.cat([empty, *(minibatch[i] for minibatch in old_logprobs for i in minibatch)])
+        sums = mismatch_metric_sums(old, torch.cat([empty, *(data.rollout_logprobs[i] for i in ids)]))
+        device = next(self.policy.ddp.parameters()).device  # NCCL reduces device tensors only
+        sums = {key: value.to(device) for key, value in sums.items()}
+        all_reduce_sums(sums, self.pg.dp)
+        metrics = finalize_metrics(sums)
+        kl, limit = metrics.get("mismatch_kl", 0.0), self.cfg.train.mismatch_kl_warn
+        if dist.get_rank() == 0 and not kl <= limit:  # a NaN warns too
+            # The scheduler counts rollout steps, resumed ones included: this is the loop's step number.
+            worst = metrics.get("mismatch_logprob_diff_max", math.nan)
+            logger.warning(
+                "step %d: train/mismatch_kl %.3g > train.mismatch_kl_warn %g (largest |log-prob diff| %.3g): "
+                "the engine samples from other weights or numerics than pi_old; check weight sync",
+                self.policy.scheduler.num_steps, kl, limit, worst,
+            )  # fmt: skip
+        return metrics
 
     def _objective(
         self, batch: StepBatch, microbatches: list[PackedBatch], old_logprobs: dict[int, torch.Tensor]

@@ -163,11 +163,17 @@ def _sum_reports(reports: list[dict[str, Tensor]], device: torch.device) -> dict
     return sums
 
 
-def _reduce_over_ranks(sums: dict[str, Tensor], pg_collection: ProcessGroupCollection) -> dict[str, float]:
-    """Reduce over data- and context-parallel ranks on the last stage; hand the totals to every stage."""
+def all_reduce_sums(sums: dict[str, Tensor], group: dist.ProcessGroup) -> None:
+    """In place, over `group`: SUM every key but those ending in "_max" (MAX). Every rank must hold the same
+    keys, inserted in the same order."""
     for key, value in sums.items():
         op = dist.ReduceOp.MAX if key.endswith("_max") else dist.ReduceOp.SUM
-        dist.all_reduce(value, op=op, group=pg_collection.dp_cp)
+        dist.all_reduce(value, op=op, group=group)
+
+
+def _reduce_over_ranks(sums: dict[str, Tensor], pg_collection: ProcessGroupCollection) -> dict[str, float]:
+    """Reduce over data- and context-parallel ranks on the last stage; hand the totals to every stage."""
+    all_reduce_sums(sums, pg_collection.dp_cp)
     totals = [{key: value.item() for key, value in sums.items()}]
     pp = pg_collection.pp
     if pp.size() > 1:

@@ -172,7 +172,7 @@ def resume_run(spec: RunSpec, dtype: str, ckpt_root: Path) -> dict:
 
 def _allow_checkpoint_writer() -> None:
     """megatron's checkpoint writer starts a multiprocessing manager, which a daemonic process (a worker of
-    tests/parallel/launcher.py's pool) may not; the pool still ends its workers when it closes."""
+    tests/helpers/distributed_pool.py's pool) may not; the pool still ends its workers when it closes."""
     multiprocessing.current_process().daemon = False
 
 

@@ -22,12 +22,13 @@ parallel state, if a function set it up, is destroyed, so every call starts clea
 import contextlib
 import multiprocessing as mp
 import os
-import socket
 import sys
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+
+from megatron_dapo.rollout.launcher import free_port
 
 _OK, _ERROR = "ok", "error"
 
@@ -39,7 +40,7 @@ class DistributedPool:
         self.world_size = world_size
         self.timeout_s = timeout_s
         context = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self._pipes = []
         self._processes = []
         for rank in range(world_size):
@@ -92,12 +93,6 @@ class DistributedPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, pipe) -> None:

@@ -1,8 +1,8 @@
-"""Tiny random Hugging Face checkpoints and packed batches for the model tests (single- and multi-process)."""
+"""Tiny random Hugging Face checkpoints and packed batches for the model and conversion tests (single- and
+multi-process)."""
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +10,12 @@ import torch
 import torch.distributed as dist
 import transformers
 from megatron.core.process_groups_config import ProcessGroupCollection
+from safetensors.torch import load_file
 
 from megatron_dapo.data.packing import Sample
+from megatron_dapo.demo.tokenizer import save_demo_tokenizer
 from megatron_dapo.parallel.state import ParallelDims, destroy_parallel, init_parallel
+from megatron_dapo.rollout.launcher import free_port
 
 VOCAB_SIZE = 97  # odd: the Megatron vocabulary is always padded
 CONFIGS = {
@@ -73,6 +76,44 @@ def save_tiny_checkpoint(model: transformers.PreTrainedModel, path: Path) -> Pat
     return path
 
 
+def save_tiny_hf_model(
+    out_dir: Path,
+    model_type: str,
+    *,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+    shard_size: str = "",
+) -> Path:
+    """A random 4-layer GQA model (4 heads, 2 groups) plus the demo tokenizer, saved by `save_pretrained`."""
+    extra = {"head_dim": 12} if model_type == "qwen3" else {}
+    config = CONFIGS[model_type](
+        vocab_size=110,  # not a multiple of 128: the Megatron side is padded
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        **extra,
+    )
+    torch.manual_seed(hash((model_type, tie)) % 2**31)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # norms start at one: randomise every tensor so that no swap goes unnoticed
+        for param in model.parameters():
+            param.normal_(0, 0.5)
+    model.save_pretrained(out_dir, **({"max_shard_size": shard_size} if shard_size else {}))
+    save_demo_tokenizer(out_dir)
+    return out_dir
+
+
+def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory, whatever its sharding."""
+    tensors = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
 def random_samples(count: int, seed: int, *, min_len: int = 5, max_len: int = 40) -> list[Sample]:
     """Sequences of unequal lengths, each with a prompt of at least one token and a response."""
     generator = torch.Generator().manual_seed(seed)
@@ -104,11 +145,8 @@ def single_process_groups() -> Iterator[ProcessGroupCollection]:
     """A one-process gloo world with megatron's parallel state, inside the test process (no spawn)."""
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialised in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
     try:
         yield init_parallel(ParallelDims())
