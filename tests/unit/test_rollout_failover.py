@@ -7,7 +7,6 @@ import time
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from megatron_dapo.config import ConfigError, from_dict
 from megatron_dapo.eval.job import leave_out_silent_servers
@@ -18,35 +17,9 @@ from megatron_dapo.rollout.failover import check_servers
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.trainer.rollout.engine import request_deadlines
-from tests.unit.test_rollout_client import FAST_RETRY, PARAMS, FakeServer
+from tests.helpers.fake_servers import FAST_RETRY, PARAMS, FakeServer, SilentServer
 
 SHORT = DeadlinePolicy(floor_s=0.5, min_tokens_per_s=100.0, slack=1.0)  # 0.52 s for PARAMS' 2 tokens
-
-
-class SilentServer:
-    """Accepts every connection and request, and never answers any."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._never)
-        self.server = TestServer(app)
-
-    async def _never(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def __aenter__(self) -> "SilentServer":
-        await self.server.start_server()
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.server.close()
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
 
 
 class VersionServer(FakeServer):
