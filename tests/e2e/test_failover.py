@@ -26,26 +26,7 @@ PROMPTS_PER_STEP = 4  # the FAST settings of train_command: 4 prompts x 4 sample
 
 
 def test_an_engine_killed_mid_step_is_restarted_and_no_step_loses_its_batch(demo_inputs, tmp_path):
-    run_dir = tmp_path / "run"
-    command = train_command(
-        demo_inputs, run_dir, f"train.steps={STEPS}", "rollout.num_servers=2", "eval.every_steps=0"
-    )
-    log = tmp_path / "train.log"
-    with log.open("w") as out:
-        trainer = subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            kill_steps = [_kill_engine_after(lambda steps: 1 in steps, trainer, run_dir)]
-            for _ in range(KILLS - 1):
-                kill_steps.append(_kill_engine_after(_back_in_dispatch(len(kill_steps)), trainer, run_dir))
-            code = trainer.wait(timeout=600)
-        finally:
-            trainer.kill()
-    output = log.read_text()
-    assert code == 0, output[-4000:]
-    assert all(step is not None and step <= STEPS - 3 for step in kill_steps), (kill_steps, output[-3000:])
-
-    steps = read_steps(run_dir)
-    assert sorted(steps) == list(range(STEPS + 1))  # 0: the baseline evaluation
+    steps, output = _run_with_kills(demo_inputs, tmp_path, KILLS)
     for step in range(1, STEPS + 1):
         metrics = steps[step]
         groups = sum(metrics[f"sampling/groups_{name}"] for name in ("kept", "carried_in"))
@@ -55,6 +36,63 @@ def test_an_engine_killed_mid_step_is_restarted_and_no_step_loses_its_batch(demo
     restarts = sum(steps[step]["rollout/server_restarts"] for step in range(1, STEPS + 1))
     assert failures == restarts == KILLS, (failures, restarts)
     assert "taken out of dispatch" in output and "restarted" in output
+
+
+def test_in_deterministic_mode_the_kills_change_no_metric(demo_inputs, tmp_path):
+    """A moved sample starts over on the other engine with the same seed and weights: same tokens."""
+    deterministic = ("train.deterministic=true", "rollout.max_running_requests=1")
+    undisturbed, _ = _run_with_kills(demo_inputs, tmp_path / "undisturbed", 0, *deterministic)
+    disturbed, _ = _run_with_kills(demo_inputs, tmp_path / "disturbed", KILLS, *deterministic)
+    assert sum(metrics.get("rollout/server_restarts", 0) for metrics in disturbed.values()) == KILLS
+    for step in range(STEPS + 1):
+        expected, found = _comparable(undisturbed[step]), _comparable(disturbed[step])
+        assert found == expected, (
+            step,
+            {k: (expected.get(k), v) for k, v in found.items() if v != expected.get(k)},
+        )
+
+
+def _comparable(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a kill may not change: all but times, speeds and the failure counters."""
+    return {
+        name: value
+        for name, value in metrics.items()
+        if not name.startswith(("timing/", "rollout/server_", "weight_sync/")) and "per_s" not in name
+    }
+
+
+def _run_with_kills(
+    demo_inputs: dict[str, Path], tmp_path: Path, kills: int, *overrides: str
+) -> tuple[dict[int, dict[str, float]], str]:
+    """A run of STEPS steps on two engines, `kills` of which are killed one after the other: its metrics by
+    step and its output."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run_dir = tmp_path / "run"
+    command = train_command(
+        demo_inputs,
+        run_dir,
+        f"train.steps={STEPS}",
+        "rollout.num_servers=2",
+        "eval.every_steps=0",
+        *overrides,
+    )
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        trainer = subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            kill_steps = []
+            for kill in range(kills):
+                ready = _back_in_dispatch(kill) if kill else lambda steps: 1 in steps
+                kill_steps.append(_kill_engine_after(ready, trainer, run_dir))
+            code = trainer.wait(timeout=600)
+        finally:
+            trainer.kill()
+    output = log.read_text()
+    assert code == 0, output[-4000:]
+    assert all(step is not None and step <= STEPS - 3 for step in kill_steps), (kill_steps, output[-3000:])
+    steps = read_steps(run_dir)
+    assert sorted(steps) == list(range(STEPS + 1))  # 0: the baseline evaluation
+    return steps, output
 
 
 def _back_in_dispatch(restarts: int) -> Callable[[dict[int, dict[str, float]]], bool]:
