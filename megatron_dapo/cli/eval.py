@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from megatron_dapo.data.catalog import DATASETS
@@ -26,6 +27,7 @@ from megatron_dapo.eval import (
     format_table,
     run_job,
 )
+from megatron_dapo.rollout.deadline import DEFAULT_DEADLINES
 from megatron_dapo.rollout.types import SamplingParams
 
 
@@ -96,7 +98,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     servers.add_argument("--engine", choices=["sglang", "cpu"], default="sglang", help="servers to launch")
     servers.add_argument("--num-servers", type=int, default=1, help="servers to launch")
     servers.add_argument("--server-tp", type=int, default=1, help="GPUs per launched SGLang server")
+    servers.add_argument(
+        "--request-deadline-floor-s",
+        type=float,
+        default=DEFAULT_DEADLINES.floor_s,
+        help="a sample may take this long plus max-new-tokens x 3 / the server's measured tokens/s; "
+        "past that it moves to another server",
+    )
+    servers.add_argument(
+        "--request-min-tokens-per-s",
+        type=float,
+        default=DEFAULT_DEADLINES.min_tokens_per_s,
+        help="the speed assumed of a server until one of its samples has finished",
+    )
     args = parser.parse_args(argv)
+    for flag in ("request_deadline_floor_s", "request_min_tokens_per_s"):
+        if not 0 < getattr(args, flag) < math.inf:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     for flag in ("samples", "max_new_tokens", "num_servers", "server_tp", "max_prompt_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -132,6 +150,11 @@ def eval_job(args: argparse.Namespace) -> EvalJob:
         engine=args.engine,
         num_servers=args.num_servers,
         server_tp=args.server_tp,
+        deadlines=replace(
+            DEFAULT_DEADLINES,
+            floor_s=args.request_deadline_floor_s,
+            min_tokens_per_s=args.request_min_tokens_per_s,
+        ),
     )
 
 

@@ -92,6 +92,13 @@ class RolloutConfig:
     max_inflight_prompts: int = 0  # prompts in flight at once; 0: prompts_per_step x 2
     max_running_requests: int = 0  # sequences each server decodes at once; 0: the engine's default
     weight_sync_bucket_mb: int = 512  # weights travel to the engine in buckets of about this size
+    # A sample not answered within floor + max_response_tokens x slack / speed (the slowest of the server's
+    # recent samples, in tokens/s; min_tokens_per_s until one has finished), counted from its dispatch or
+    # the server's latest finished sample, moves to another server, and its server leaves dispatch until
+    # the check before the next step (rollout/deadline.py, rollout/failover.py).
+    request_deadline_floor_s: float = 120.0
+    request_min_tokens_per_s: float = 10.0
+    request_deadline_slack: float = 3.0
 
 
 @dataclass

@@ -13,7 +13,8 @@ from megatron_dapo.eval.outputs import RESULTS_FILE, write_outputs
 from megatron_dapo.eval.results import EvalResult
 from megatron_dapo.eval.run import evaluate_sets
 from megatron_dapo.eval.sets import dataset_names, load_eval_set
-from megatron_dapo.rollout.engine import EngineError
+from megatron_dapo.rollout.deadline import DEFAULT_DEADLINES, DeadlinePolicy
+from megatron_dapo.rollout.engine import EngineError, EngineUnavailableError
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, ServerStartError, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.types import SamplingParams
@@ -51,6 +52,7 @@ class EvalJob:
     engine: str  # servers to launch: "sglang" or "cpu"
     num_servers: int  # servers to launch
     server_tp: int  # GPUs per launched SGLang server
+    deadlines: DeadlinePolicy = DEFAULT_DEADLINES  # when a sample gives up on its server
 
 
 def server_specs(job: EvalJob, model_dir: Path) -> list[ServerSpec]:
@@ -68,6 +70,18 @@ def server_specs(job: EvalJob, model_dir: Path) -> list[ServerSpec]:
         )
         for i in range(job.num_servers)
     ]
+
+
+async def leave_out_silent_servers(client: SGLangClient) -> None:
+    """Running servers that fail /health now take no request: one that accepts connections and never
+    answers would otherwise hold its share of the samples until their deadlines."""
+    for url, answers in (await client.health()).items():
+        if not answers:
+            client.mark_down(url, "no answer to /health")
+    if len(client.down_servers()) == len(client.server_urls):
+        raise EngineUnavailableError(
+            ",".join(client.server_urls), "no server answers /health: check --server-url and the servers"
+        )
 
 
 async def run_job(job: EvalJob) -> dict[str, EvalResult]:
@@ -98,13 +112,14 @@ async def run_job(job: EvalJob) -> dict[str, EvalResult]:
     )
     if job.server_urls:
         logger.info("using running servers %s: they must serve %s", job.server_urls, job.model)
-        async with SGLangClient(job.server_urls) as client:
+        async with SGLangClient(job.server_urls, deadlines=job.deadlines) as client:
+            await leave_out_silent_servers(client)
             results = await evaluate_sets(client, eval_sets, **kwargs)
     else:
         with served_model_dir(job.model) as model_dir:
             async with (
                 ServerPool(server_specs(job, model_dir)) as pool,
-                SGLangClient(pool.urls, api_key=pool.api_key) as client,
+                SGLangClient(pool.urls, api_key=pool.api_key, deadlines=job.deadlines) as client,
             ):
                 results = await evaluate_sets(client, eval_sets, **kwargs)
     run_info = {

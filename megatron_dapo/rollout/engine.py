@@ -23,6 +23,10 @@ class EngineUnavailableError(EngineError):
         self.url = url
 
 
+class EngineTimeoutError(EngineUnavailableError):
+    """A server took no answer past the request's deadline: it is stuck, or far slower than measured."""
+
+
 class EngineRequestError(EngineError):
     """A server answered with an error status; retrying the same request would fail the same way."""
 

@@ -270,9 +270,14 @@ class ServerPool:
                     for server in self.servers
                 )
             )
-        dead = [server for server, ok in zip(self.servers, healthy, strict=True) if not ok]
-        await asyncio.gather(*(server.restart(self.start_timeout_s) for server in dead))
-        return [server.url for server in dead]
+        dead = [server.url for server, ok in zip(self.servers, healthy, strict=True) if not ok]
+        await asyncio.gather(*map(self.restart, dead))
+        return dead
+
+    async def restart(self, url: str) -> None:
+        """Stop the server at `url` (whatever its state), start it again and wait until it is healthy."""
+        [server] = [server for server in self.servers if server.url == url]
+        await server.restart(self.start_timeout_s)
 
     def stop(self) -> None:
         for server in ([self.router] if self.router else []) + self.servers:

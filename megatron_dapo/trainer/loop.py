@@ -81,6 +81,7 @@ class Trainer:
         with self.watchdog.phase("rollout", self.step):  # every rank: the others wait in `distribute`
             shares = None
             if self.rollout is not None:
+                self.rollout.check_servers(self.step - 1)  # the weight version of the last sync
                 batch, rollout_metrics = self.rollout.generate(self.step)
                 _merge(metrics, rollout_metrics)
                 self.publisher.release_engine_memory()  # training needs the memory colocated servers hold

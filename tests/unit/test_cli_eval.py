@@ -40,6 +40,8 @@ def test_command_line_defaults_are_the_papers_evaluation() -> None:
         ["--top-p", "0"],
         ["--engine", "cpu", "--server-tp", "2"],
         ["--max-new-tokens", "-1"],
+        ["--request-deadline-floor-s", "0"],
+        ["--request-min-tokens-per-s", "nan"],
     ],
 )
 def test_command_line_refuses_bad_values(flags: list[str], capsys) -> None:
@@ -57,6 +59,7 @@ def test_every_flag_reaches_the_job(tmp_path: Path) -> None:
         rng.randint(1, 99),
     )
     temperature, top_p = round(rng.uniform(0.1, 2), 3), round(rng.uniform(0.1, 1), 3)
+    floor_s, min_tokens_per_s = round(rng.uniform(1, 500), 2), round(rng.uniform(0.5, 50), 2)
     args = eval_cli.parse_args(
         [
             *("--model", "m", "--data", "a.jsonl", "b.jsonl", "--out", str(tmp_path), "--overwrite"),
@@ -72,6 +75,8 @@ def test_every_flag_reaches_the_job(tmp_path: Path) -> None:
                 "http://h:2",
             ),
             *("--engine", "cpu", "--num-servers", "3"),
+            *("--request-deadline-floor-s", str(floor_s)),
+            *("--request-min-tokens-per-s", str(min_tokens_per_s)),
         ]
     )
     job = eval_cli.eval_job(args)
@@ -94,6 +99,7 @@ def test_every_flag_reaches_the_job(tmp_path: Path) -> None:
     )
     assert list(job.server_urls) == ["http://127.0.0.1:1", "http://h:2"]
     assert (job.engine, job.num_servers, job.server_tp) == ("cpu", 3, 1)
+    assert (job.deadlines.floor_s, job.deadlines.min_tokens_per_s) == (floor_s, min_tokens_per_s)
     specs = ev.server_specs(job, tmp_path / "hf")
     assert [spec.log_file for spec in specs] == [
         str(tmp_path / "servers" / f"server_{i}.log") for i in range(3)

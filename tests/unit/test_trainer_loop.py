@@ -73,6 +73,7 @@ class LoopWithFakes(Trainer):
     def _setup(self) -> None:
         calls = self.calls
         rollout = SimpleNamespace(
+            check_servers=lambda version: calls.append(("check_servers", version)),
             generate=lambda step: (
                 calls.append(("generate", step)) or (f"batch{step}", {"rollout": {"s": step}})
             ),
@@ -112,6 +113,8 @@ def loop_config(**sections):
 def test_each_step_runs_the_paper_order_and_logs_once():
     trainer = LoopWithFakes(loop_config())
     trainer.fit()
+    # The servers must hold the weights of the last sync (version 1) before step 2 generates.
+    assert trainer.calls[trainer.calls.index(("generate", 2)) - 1] == ("check_servers", 1)
     step_two = trainer.calls[trainer.calls.index(("generate", 2)) :][:9]
     assert [c[0] for c in step_two] == [
         "generate", "release", "shard", "distribute", "train", "publish", "evaluate", "log", "save",

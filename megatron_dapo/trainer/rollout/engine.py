@@ -12,6 +12,7 @@ import torch
 
 from megatron_dapo.config import RolloutConfig
 from megatron_dapo.rollout.background import BackgroundLoop
+from megatron_dapo.rollout.deadline import DEFAULT_DEADLINES, DeadlinePolicy
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 
@@ -44,6 +45,14 @@ def server_specs(cfg: RolloutConfig, model_path: str, log_dir: Path, seed: int) 
     ]
 
 
+def request_deadlines(cfg: RolloutConfig) -> DeadlinePolicy:
+    return DeadlinePolicy(
+        floor_s=cfg.request_deadline_floor_s,
+        min_tokens_per_s=cfg.request_min_tokens_per_s,
+        slack=cfg.request_deadline_slack,
+    )
+
+
 class EngineConnection:
     """An engine client and the event loop it runs on; `close` ends both and stops servers launched here."""
 
@@ -54,17 +63,19 @@ class EngineConnection:
         pool: ServerPool | None = None,
         loop: BackgroundLoop | None = None,
         api_key: str | None = None,
+        deadlines: DeadlinePolicy = DEFAULT_DEADLINES,
     ):
         self.urls, self.pool = urls, pool
         self.api_key = api_key  # None: the client reads $DAPO_API_KEY
         self.loop = loop or BackgroundLoop()
-        self.client = SGLangClient(urls, api_key=api_key)
+        self.client = SGLangClient(urls, api_key=api_key, deadlines=deadlines)
 
     @classmethod
     def start(cls, cfg: RolloutConfig, *, model_path: str, log_dir: Path, seed: int) -> "EngineConnection":
         """Connect to rollout.server_urls, or launch rollout.num_servers servers (logs in `log_dir`)."""
+        deadlines = request_deadlines(cfg)
         if cfg.server_urls:
-            return cls(list(cfg.server_urls))
+            return cls(list(cfg.server_urls), deadlines=deadlines)
         if cfg.backend == "sglang" and not torch.cuda.is_available():
             raise RuntimeError("rollout.backend=sglang needs GPUs: set rollout.backend=cpu on this machine")
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +86,7 @@ class EngineConnection:
         except BaseException:
             loop.close()
             raise
-        return cls(pool.urls, pool=pool, loop=loop, api_key=pool.api_key)
+        return cls(pool.urls, pool=pool, loop=loop, api_key=pool.api_key, deadlines=deadlines)
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run an engine call from the training thread and wait for it."""

@@ -13,6 +13,8 @@ from megatron_dapo.config import DapoConfig
 from megatron_dapo.data.dataset import PromptLoader
 from megatron_dapo.data.tokenizer import load_tokenizer
 from megatron_dapo.eval import evaluate
+from megatron_dapo.rollout.engine import EngineUnavailableError
+from megatron_dapo.rollout.failover import check_servers
 from megatron_dapo.rollout.types import SamplingParams
 from megatron_dapo.trainer.batch import StepBatch
 from megatron_dapo.trainer.data import load_eval_prompts, load_train_prompts, skip_settings
@@ -46,6 +48,8 @@ class RolloutRole:
             max_rounds=cfg.algorithm.max_sampling_rounds,
         )
         self.engine: EngineConnection | None = None
+        self._failures_logged = 0  # the client's count of servers taken out of dispatch, as last logged
+        self._restarts = 0  # since the last step's metrics
         self._closing = contextlib.ExitStack()
 
     def start_engine(self, log_dir: Path) -> EngineConnection:
@@ -61,11 +65,31 @@ class RolloutRole:
         )
         return self.engine
 
+    def check_servers(self, version: int) -> None:
+        """Before a step: only servers that answer /health and hold weight `version` take its requests;
+        those launched here that failed restart, and return after the next sync (rollout/failover.py)."""
+        client = self.engine.client
+        check = self.engine.run(check_servers(client, self.engine.pool, version))
+        self._restarts += len(check.restarted)
+        if not check.ready:
+            raise EngineUnavailableError(
+                ",".join(client.server_urls),
+                f"no rollout server holds weight version {version} and answers /health (failed: "
+                f"{check.failed}, restarted: {check.restarted}, stale: {check.stale}); restarted servers "
+                "get the weights at the next sync, so a run survives a server failure only with "
+                "rollout.num_servers >= 2; see the server logs in the run's logs/",
+            )
+
     def generate(self, step: int) -> tuple[StepBatch, Metrics]:
         """The step's groups (G samples per prompt, rewarded, 0 < #correct < G under dynamic sampling) as
         samples with group-normalised advantages, and the rollout metrics."""
         groups, metrics = self.engine.run(self.collector.collect(step))
         batch = StepBatch.from_groups(groups, scale_by_std=self.cfg.algorithm.scale_advantage_by_std)
+        failures = self.engine.client.failures
+        metrics.setdefault("rollout", {}).update(
+            server_failures=failures - self._failures_logged, server_restarts=self._restarts
+        )
+        self._failures_logged, self._restarts = failures, 0
         return batch, metrics
 
     def release_memory(self) -> None:
