@@ -119,8 +119,6 @@ class Trainer:
             parallel_dims(cfg), seed=cfg.train.seed, timeout_minutes=COLLECTIVE_TIMEOUT_MINUTES
         )
         self._closing.callback(destroy_parallel)
-        self.watchdog = watchdog_for(cfg, rank=dist.get_rank(), world_size=dist.get_world_size())
-        self._closing.callback(self.watchdog.close)
         self.distribute = partial(distribute_batch, pg=self.pg)
         self.run_dir = Path(cfg.logging.dir)
         self.checkpoint_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
@@ -129,6 +127,9 @@ class Trainer:
         self.rollout = RolloutRole(cfg) if dist.get_rank() == 0 else None
         if self.rollout is not None:
             self._closing.callback(self.rollout.close)
+        # After the data: a run refused for a bad row leaves no directory behind.
+        self.watchdog = watchdog_for(cfg, rank=dist.get_rank(), world_size=dist.get_world_size())
+        self._closing.callback(self.watchdog.close)
         resume_from = self._resume_point()
         initial = resume_from or (Path(cfg.model.load) if cfg.model.load else None)
         self.policy = PolicyRole(cfg, self.hf_config, self.pg, weights=initial, watch=self.watchdog.phase)
