@@ -20,14 +20,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.checkpoint.hf_dir import read_config
-from megatron_dapo.checkpoint.rl_state import latest_complete
-from megatron_dapo.config import ConfigError, DapoConfig, validate_launch
+from megatron_dapo.config import DapoConfig, validate_launch
 from megatron_dapo.parallel.state import destroy_parallel, init_parallel, launched_world_size
 from megatron_dapo.sync.publisher import WeightPublisher
 from megatron_dapo.trainer.batch import RankBatch
 from megatron_dapo.trainer.distribute import distribute_batch
 from megatron_dapo.trainer.policy.build import parallel_dims
-from megatron_dapo.trainer.policy.checkpointing import resume_point
+from megatron_dapo.trainer.policy.checkpointing import checkpoint_to_resume
 from megatron_dapo.trainer.policy.role import PolicyRole
 from megatron_dapo.trainer.rollout.role import RolloutRole
 from megatron_dapo.trainer.signals import StopRequest
@@ -130,7 +129,7 @@ class Trainer:
         # After the data: a run refused for a bad row leaves no directory behind.
         self.watchdog = watchdog_for(cfg, rank=dist.get_rank(), world_size=dist.get_world_size())
         self._closing.callback(self.watchdog.close)
-        resume_from = self._resume_point()
+        resume_from = checkpoint_to_resume(self.checkpoint_root, cfg.checkpoint)
         initial = resume_from or (Path(cfg.model.load) if cfg.model.load else None)
         self.policy = PolicyRole(cfg, self.hf_config, self.pg, weights=initial, watch=self.watchdog.phase)
         self.step = 0
@@ -142,30 +141,13 @@ class Trainer:
             self.step = state.step
         engine = self.rollout.start_engine(self.run_dir / "logs") if self.rollout is not None else None
         self.publisher = WeightPublisher(cfg, self.pg, engine, self._closing)
+        first_step = self.step + 1 if resume_from else 0
         self.tracker = self._closing.enter_context(
-            MetricsTracker(
-                self.run_dir,
-                is_writer=dist.get_rank() == 0,
-                total_steps=cfg.train.steps,
-                first_step=self.step + 1 if resume_from else 0,
-                tensorboard=cfg.logging.tensorboard,
-                progress_bar=cfg.logging.progress_bar,
-            )
+            MetricsTracker.for_run(cfg, is_writer=dist.get_rank() == 0, first_step=first_step)
         )
         self.stop = StopRequest()
         self._closing.callback(self.stop.close)
         self.sync_weights()  # the servers may hold other weights (a resumed run, or servers given by URL)
-
-    def _resume_point(self) -> Path | None:
-        """The checkpoint to resume from (verified), or None; refuses to start over an existing run."""
-        latest = latest_complete(self.checkpoint_root)
-        if latest is not None and not self.cfg.checkpoint.resume:
-            raise ConfigError(
-                f"checkpoint.resume=false but {self.checkpoint_root} holds checkpoints (the latest: "
-                f"{latest.name}): set checkpoint.resume=true to continue that run, or give this one "
-                "another logging.dir"
-            )
-        return resume_point(self.checkpoint_root, fallback=self.cfg.checkpoint.resume_fallback)
 
     def close(self) -> None:
         self._closing.close()

@@ -21,6 +21,8 @@ from types import TracebackType
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from megatron_dapo.config import DapoConfig
+
 GROUPS = ("rollout", "train", "timing", "eval", "sampling", "weight_sync")
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -72,6 +74,18 @@ def truncate_metrics_file(path: Path, first_step: int) -> None:
 
 class MetricsTracker:
     """Writes each step's scalars on the writer rank (global rank 0); on every other rank it does nothing."""
+
+    @classmethod
+    def for_run(cls, cfg: DapoConfig, *, is_writer: bool, first_step: int) -> "MetricsTracker":
+        """The tracker of a training run, as its logging section says."""
+        return cls(
+            Path(cfg.logging.dir),
+            is_writer=is_writer,
+            total_steps=cfg.train.steps,
+            first_step=first_step,
+            tensorboard=cfg.logging.tensorboard,
+            progress_bar=cfg.logging.progress_bar,
+        )
 
     def __init__(
         self,

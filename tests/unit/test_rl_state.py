@@ -29,9 +29,10 @@ from megatron_dapo.checkpoint.rl_state import (
     save_rl_state,
     step_dir,
 )
+from megatron_dapo.config import CheckpointConfig, ConfigError
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.types import Completion, FinishReason
-from megatron_dapo.trainer.policy.checkpointing import resume_point
+from megatron_dapo.trainer.policy.checkpointing import checkpoint_to_resume, resume_point
 
 MODEL_FILE = "model.bin"  # stands in for model_io's files
 
@@ -279,3 +280,13 @@ def test_a_start_removes_the_temporary_directories_of_killed_saves_and_nothing_e
     assert not any(path.exists() for path in killed)
     assert all(path.is_dir() for path in kept) and outside.is_dir()
     assert (root / "step_00000040.tmp-abc").is_file() and load_rl_state(newest, rank=0).step == 10
+
+
+def test_a_new_run_never_starts_over_another_runs_checkpoints(tmp_path):
+    step = random.randint(1, 10**6)
+    (tmp_path / f"step_{step:08d}").mkdir()
+    (tmp_path / f"step_{step:08d}" / COMPLETE).write_text("")
+    with pytest.raises(
+        ConfigError, match=f"checkpoint.resume=false but .* \\(the latest: step_{step:08d}\\)"
+    ):
+        checkpoint_to_resume(tmp_path, CheckpointConfig(resume=False))

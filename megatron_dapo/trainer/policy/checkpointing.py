@@ -33,6 +33,7 @@ from megatron_dapo.checkpoint.rl_state import (
     save_rl_state,
     set_aside,
 )
+from megatron_dapo.config import CheckpointConfig, ConfigError
 from megatron_dapo.trainer.policy.build import Policy
 
 OPTIMIZER_DIR = "optimizer"
@@ -88,6 +89,18 @@ def gather_checksums(ckpt: Path) -> dict[str, Entry]:
     shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(describe(ckpt, names[0][dist.get_rank() :: dist.get_world_size()]), shares, dst=0)
     return {name: entry for share in shares or [] for name, entry in share.items()}
+
+
+def checkpoint_to_resume(root: Path, cfg: CheckpointConfig) -> Path | None:
+    """Collective, at start: the verified checkpoint a run resumes from, or None; refuses to start a new run
+    over another's checkpoints."""
+    existing = complete_checkpoints(root)  # oldest first
+    if existing and not cfg.resume:
+        raise ConfigError(
+            f"checkpoint.resume=false but {root} holds checkpoints (the latest: {existing[-1].name}): set "
+            "checkpoint.resume=true to continue that run, or give this one another logging.dir"
+        )
+    return resume_point(root, fallback=cfg.resume_fallback)
 
 
 def resume_point(root: Path, *, fallback: bool) -> Path | None:
