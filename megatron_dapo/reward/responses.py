@@ -1,8 +1,8 @@
 """The DAPO rule on an engine's samples: decode each response, then score it against the ground truth.
 
-Training rollouts (trainer/rollout.py, which adds the soft overlong punishment) and evaluation (eval/run.py,
-which refuses aborted samples) both score through `score_responses`, so the two can never disagree on what
-is correct.
+Training rollouts (trainer/rollout/collector.py, which adds the soft overlong punishment) and evaluation
+(eval/run.py, which refuses aborted samples) both score through `score_responses`, so the two can never
+disagree on what is correct.
 """
 
 from collections.abc import Sequence
