@@ -35,6 +35,9 @@ class Group:
     prompt_index: int  # row of the prompt in the training set
     prompt_ids: tuple[int, ...]  # the token ids the engine was prompted with
     responses: tuple[Response, ...]
+    # The weights that generated it: those published after this step (a group carried over from the step
+    # before is one version older than the step's own).
+    weight_version: int = 0
 
     @property
     def correct(self) -> list[bool]:
@@ -49,6 +52,7 @@ class StepBatch:
     advantages: Tensor  # [N] float32, group-normalised, the same on every token of the response
     truncated: Tensor  # [N] bool: generation hit max_response_tokens
     rollout_logprobs: list[Tensor]  # N x [response tokens] float32: the engine's log-probs
+    weight_versions: Tensor  # [N] int64: the weights that generated each sample (Group.weight_version)
 
     @classmethod
     def from_groups(cls, groups: Sequence[Group], *, scale_by_std: bool) -> "StepBatch":
@@ -61,6 +65,7 @@ class StepBatch:
             advantages=group_advantages(rewards, group_ids, scale_by_std=scale_by_std),
             truncated=torch.tensor([r.truncated for _, r in responses], dtype=torch.bool),
             rollout_logprobs=[torch.tensor(r.logprobs, dtype=torch.float32) for _, r in responses],
+            weight_versions=torch.tensor([g.weight_version for g, _ in responses], dtype=torch.int64),
         )
 
     def __len__(self) -> int:
@@ -88,6 +93,7 @@ class StepBatch:
             advantages=self.advantages[list(ids)],
             truncated=self.truncated[list(ids)],
             rollout_logprobs=[self.rollout_logprobs[i] for i in ids],
+            weight_versions=self.weight_versions[list(ids)],
         )
 
     def shard(

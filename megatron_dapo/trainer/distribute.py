@@ -20,6 +20,7 @@ FIELDS: tuple[tuple[str, torch.dtype], ...] = (
     ("response_starts", torch.int64),  # [N]
     ("microbatches", torch.int64),  # [M] micro-batches in each mini-batch
     ("microbatch_sizes", torch.int64),  # [sum of microbatches] samples in each micro-batch
+    ("weight_versions", torch.int64),  # [N]
     ("tokens", torch.int32),  # [sum of lengths] token ids, sample after sample
     ("advantages", torch.float32),  # [N]
     ("rollout_logprobs", torch.float32),  # [sum of response tokens]
@@ -43,6 +44,7 @@ def share_to_tensors(share: RankBatch) -> dict[str, Tensor]:
             [lp.to(torch.float32) for lp in data.rollout_logprobs] or [torch.zeros(0)]
         ),
         "truncated": data.truncated.to(torch.bool),
+        "weight_versions": data.weight_versions.to(torch.int64),
     }
 
 
@@ -63,6 +65,7 @@ def share_from_tensors(tensors: dict[str, Tensor]) -> RankBatch:
         advantages=tensors["advantages"],
         truncated=tensors["truncated"],
         rollout_logprobs=list(rollout_logprobs),
+        weight_versions=tensors["weight_versions"],
     )
     return RankBatch(data, plan)
 

@@ -41,13 +41,13 @@ def test_three_steps_log_metrics_and_save_a_checkpoint_that_converts(demo_inputs
         ):
             assert name in metrics, name
         assert metrics["train/first_update_ratio_max_abs_dev"] == 0  # the first update starts at pi_old
-        # The CPU engine and the trainer both compute in fp32 at the same weights (issue 12, item 3), unless
-        # groups were carried in from the step before: those were sampled by the previous weights. Step 1
-        # has none to carry in, so at least one step is always checked.
-        if metrics["sampling/groups_carried_in"] == 0:
+        # The CPU engine and the trainer both compute in fp32 at the same weights (issue 12, item 3); groups
+        # carried in from the step before (older weights) are left out of the measure, which is absent on a
+        # step made only of those (never step 1).
+        if step == 1 or "train/mismatch_kl" in metrics:
             assert 0 <= metrics["train/mismatch_kl"] < 1e-4, metrics["train/mismatch_kl"]
             assert metrics["train/mismatch_ratio_outside_share"] == 0
-            assert f"step {step}: train/mismatch_kl" not in output  # no mismatch warning
+    assert "train/mismatch_kl" not in output  # no mismatch warning
     assert (run_dir / "logs" / "server_0.log").is_file()
     assert list((run_dir / "tensorboard").iterdir())
 

@@ -24,5 +24,6 @@ def random_groups(num_groups: int, group_size: int, seed: int, max_response: int
             reward = (1.0 if correct else -1.0) - 0.3 * truncated
             reason = FinishReason.LENGTH if truncated else FinishReason.STOP
             responses.append(Response(tokens, logprobs, reason, reward, correct))
-        groups.append(Group(100 + index, prompt, tuple(responses)))
+        version = int(torch.randint(0, 3, (1,), generator=g))  # some groups carried over from older weights
+        groups.append(Group(100 + index, prompt, tuple(responses), weight_version=version))
     return groups

@@ -25,8 +25,9 @@ def engine_model(stale_seed: int | None = None):
     return model
 
 
-def step_batch(engine, num_samples: int = 8) -> StepBatch:
-    """Random samples, with their rollout log-probs under `engine` (fp32, temperature 1)."""
+def step_batch(engine, num_samples: int = 8, weight_version: int = 0) -> StepBatch:
+    """Random samples, with their rollout log-probs under `engine` (fp32, temperature 1), marked as generated
+    by the weights of `weight_version` (0: the first step's own)."""
     samples = random_samples(num_samples, seed=11)
     with torch.no_grad():
         rollout = [hf_response_logprobs(engine, sample)[0].float() for sample in samples]
@@ -35,6 +36,7 @@ def step_batch(engine, num_samples: int = 8) -> StepBatch:
         advantages=torch.randn(num_samples, generator=torch.Generator().manual_seed(12)),
         truncated=torch.zeros(num_samples, dtype=torch.bool),
         rollout_logprobs=rollout,
+        weight_versions=torch.full((num_samples,), weight_version, dtype=torch.int64),
     )
 
 

@@ -78,6 +78,7 @@ def test_a_share_survives_its_wire_format_exactly():
         ]
         assert [s.response_start for s in got.samples] == [s.response_start for s in sent.samples]
         assert torch.equal(got.advantages, sent.advantages) and torch.equal(got.truncated, sent.truncated)
+        assert torch.equal(got.weight_versions, sent.weight_versions)
         for a, b in zip(got.rollout_logprobs, sent.rollout_logprobs, strict=True):
             assert torch.equal(a, b)
 

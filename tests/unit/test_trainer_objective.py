@@ -64,6 +64,7 @@ def random_step(num_samples: int, seed: int):
         advantages=torch.randn(num_samples, generator=g),
         truncated=torch.tensor(truncated),
         rollout_logprobs=rollout,
+        weight_versions=torch.zeros(num_samples, dtype=torch.int64),
     )
     return step, [lp.requires_grad_() for lp in new], old
 

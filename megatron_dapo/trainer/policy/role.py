@@ -139,9 +139,14 @@ class PolicyRole:
         return {i: logprobs for i, (logprobs, _) in zip(ids, results, strict=True)}
 
     def _mismatch(self, data: StepBatch, old_logprobs: list[dict[int, torch.Tensor]]) -> dict[str, float]:
-        """Collective: train/mismatch_*, the engine's log-probs against pi_old over the step's response
-        tokens; a warning above train.mismatch_kl_warn. Every rank of a DP group holds its samples' whole
-        pi_old (forward_logprobs gathers CP shares), so reducing over DP alone counts each token once."""
+        """Collective: train/mismatch_*, the engine's log-probs against pi_old over the response tokens of
+        the samples the step's own weights generated (groups carried over from the step before came from
+        older weights: what separates them from pi_old is training, not a mismatch); a warning above
+        train.mismatch_kl_warn. Every rank of a DP group holds its samples' whole pi_old (forward_logprobs
+        gathers CP shares), so reducing over DP alone counts each token once."""
+        version = self.policy.scheduler.num_steps - 1  # the scheduler counts rollout steps, resumes included
+        fresh = {i for i, v in enumerate(data.weight_versions.tolist()) if v == version}
+        old_logprobs = [{i: lp for i, lp in minibatch.items() if i in fresh} for minibatch in old_logprobs]
         ids = [i for minibatch in old_logprobs for i in minibatch]
         # One call on every rank, even one without samples, so that all ranks reduce the same keys.
         empty = torch.zeros(0)

@@ -95,6 +95,7 @@ class _Request:
     prompt: TokenizedPrompt
     request_id: str
     task: asyncio.Task  # -> list[Completion]
+    weight_version: int  # the engine holds the weights published after step - 1 while step generates
 
 
 class RolloutCollector:
@@ -156,7 +157,7 @@ class RolloutCollector:
             n=self.settings.samples_per_prompt,
             request_id=request_id,
         )
-        return _Request(prompt, request_id, asyncio.ensure_future(generation))
+        return _Request(prompt, request_id, asyncio.ensure_future(generation), weight_version=step - 1)
 
     async def _next_finished(self, running: list[_Request]) -> _Request:
         """Removed from `running`: the oldest request (deterministic), else the oldest of those finished."""
@@ -178,6 +179,7 @@ class RolloutCollector:
             aborted.append(completions)
             return
         group = score_group(request.prompt, completions, self.tokenizer, self.settings.reward)
+        group = replace(group, weight_version=request.weight_version)
         finished.append(group)
         self.sampler.add(group, group.correct)
 
