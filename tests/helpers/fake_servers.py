@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from megatron_dapo.rollout import sglang_protocol as protocol
+from megatron_dapo.rollout.cpu_engine import requests as engine_requests
 from megatron_dapo.rollout.sglang_client import RetryPolicy
 from megatron_dapo.rollout.types import SamplingParams
 
@@ -60,7 +61,7 @@ class FakeServer:
         tokens = [] if aborted.is_set() else [5, 6]
         finish = protocol.finish_abort("Aborted") if aborted.is_set() else protocol.finish_length(2)
         return web.json_response(
-            protocol.generate_output(
+            engine_requests.generate_output(
                 rid=body["rid"], output_ids=tokens, logprobs=[-0.5] * len(tokens), token_texts=None,
                 text=None, finish_reason=finish, prompt_tokens=len(body["input_ids"]), cached_tokens=0,
                 weight_version="3", e2e_latency=0.0,

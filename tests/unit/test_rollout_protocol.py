@@ -12,6 +12,7 @@ If SGLang renames a field, update the set here first; the module and these tests
 import pytest
 
 from megatron_dapo.rollout import sglang_protocol as protocol
+from megatron_dapo.rollout.cpu_engine import requests as engine_requests
 from megatron_dapo.rollout.types import FinishReason, SamplingParams
 
 # BaseReq (io_struct.py): every request struct but GenerateReqInput inherits these.
@@ -213,7 +214,7 @@ def test_parse_generate_response():
 
 
 def test_engine_output_round_trips_through_the_client_parser():
-    output = protocol.generate_output(
+    output = engine_requests.generate_output(
         rid="r-3",
         output_ids=[5, 6, 7],
         logprobs=[-1.0, -2.0, -0.5],
@@ -231,24 +232,26 @@ def test_engine_output_round_trips_through_the_client_parser():
     completion = protocol.parse_generate_response(output)
     assert (completion.token_ids, completion.logprobs) == ([5, 6, 7], [-1.0, -2.0, -0.5])
     assert completion.finish_reason is FinishReason.STOP and completion.weight_version == 12
-    without_tokenizer = protocol.generate_output(
+    without_tokenizer = engine_requests.generate_output(
         rid="r", output_ids=[1], logprobs=None, token_texts=None, text=None,
         finish_reason=protocol.finish_length(1), prompt_tokens=1, cached_tokens=0, weight_version="1",
         e2e_latency=0,
     )  # fmt: skip
     assert set(without_tokenizer) == {"output_ids", "meta_info"}
     assert set(without_tokenizer["meta_info"]) == SGLANG_META_INFO
-    assert set(protocol.model_info_body("/m", None, "3")) == SGLANG_MODEL_INFO
+    assert set(engine_requests.model_info_body("/m", None, "3")) == SGLANG_MODEL_INFO
 
 
 def test_sampling_normalisation_follows_sglang():
-    sampling, n = protocol.parse_engine_sampling({"temperature": 0.0, "top_k": 50, "max_new_tokens": 4})
+    sampling, n = engine_requests.parse_engine_sampling(
+        {"temperature": 0.0, "top_k": 50, "max_new_tokens": 4}
+    )
     assert (sampling.temperature, sampling.top_k, n) == (1.0, 1, 1)  # greedy runs as T = 1, top_k = 1
-    sampling, _ = protocol.parse_engine_sampling({"temperature": None, "top_k": -1, "top_p": None})
+    sampling, _ = engine_requests.parse_engine_sampling({"temperature": None, "top_k": -1, "top_p": None})
     assert (sampling.temperature, sampling.top_k, sampling.top_p) == (1.0, None, 1.0)
-    sampling, _ = protocol.parse_engine_sampling({"top_k": protocol.TOP_K_ALL})
+    sampling, _ = engine_requests.parse_engine_sampling({"top_k": protocol.TOP_K_ALL})
     assert sampling.top_k is None and sampling.max_new_tokens == 128  # SGLang's default length
-    sampling, n = protocol.parse_engine_sampling(
+    sampling, n = engine_requests.parse_engine_sampling(
         {"n": 3, "stop_token_ids": [2, 2, 5], "ignore_eos": True, "sampling_seed": 9, "min_p": 0.0}
     )
     assert (
@@ -284,21 +287,21 @@ def test_sampling_normalisation_follows_sglang():
 )
 def test_sampling_errors_name_the_field(body, field):
     with pytest.raises(protocol.ProtocolError) as error:
-        protocol.parse_engine_sampling(body)
+        engine_requests.parse_engine_sampling(body)
     assert error.value.field == field
 
 
 def test_generate_request_expands_like_sglang():
     body = {"rid": "g", "input_ids": [[1, 2], [3]], "sampling_params": {"n": 2}, "return_logprob": True}
-    items, single = protocol.parse_generate_request(body, vocab_size=10)
+    items, single = engine_requests.parse_generate_request(body, vocab_size=10)
     assert not single
     # The batch repeats n times: output k is prompt k % batch, with rid "{rid}_{k}".
     assert [(item.rid, item.input_ids) for item in items] == [
         ("g_0", (1, 2)), ("g_1", (3,)), ("g_2", (1, 2)), ("g_3", (3,)),
     ]  # fmt: skip
-    items, single = protocol.parse_generate_request({"rid": "one", "input_ids": [4, 5]}, vocab_size=10)
+    items, single = engine_requests.parse_generate_request({"rid": "one", "input_ids": [4, 5]}, vocab_size=10)
     assert single and items[0].rid == "one" and not items[0].return_logprob
-    items, single = protocol.parse_generate_request(
+    items, single = engine_requests.parse_generate_request(
         {"input_ids": [4], "sampling_params": {"n": 3}}, vocab_size=10
     )
     assert not single and len({item.rid for item in items}) == 3
@@ -309,7 +312,7 @@ def test_generate_request_expands_like_sglang():
         "custom_labels": {"a": "b"},
         "lora_path": None,
     }
-    assert protocol.parse_generate_request(metadata, vocab_size=10)[1]
+    assert engine_requests.parse_generate_request(metadata, vocab_size=10)[1]
 
 
 @pytest.mark.parametrize(
@@ -335,39 +338,39 @@ def test_generate_request_expands_like_sglang():
 )
 def test_generate_request_errors_name_the_field(body, field):
     with pytest.raises(protocol.ProtocolError) as error:
-        protocol.parse_generate_request(body, vocab_size=10, max_sequences=4)
+        engine_requests.parse_generate_request(body, vocab_size=10, max_sequences=4)
     assert error.value.field == field
 
 
 @pytest.mark.parametrize(
     ("parse", "body", "field"),
     [
-        (protocol.parse_memory_tags, {"tags": 5}, "tags"),
-        (protocol.parse_memory_tags, {"tags": [1]}, "tags"),
-        (protocol.parse_abort_request, {"rid": 5}, "rid"),
-        (protocol.parse_destroy_weights_update_group, {"group_name": ["g"]}, "group_name"),
+        (engine_requests.parse_memory_tags, {"tags": 5}, "tags"),
+        (engine_requests.parse_memory_tags, {"tags": [1]}, "tags"),
+        (engine_requests.parse_abort_request, {"rid": 5}, "rid"),
+        (engine_requests.parse_destroy_weights_update_group, {"group_name": ["g"]}, "group_name"),
         (
-            protocol.parse_init_weights_update_group,
+            engine_requests.parse_init_weights_update_group,
             {"master_address": "127.0.0.1", "master_port": "x", "rank_offset": 1, "world_size": 2},
             "master_port",
         ),
         (
-            protocol.parse_init_weights_update_group,
+            engine_requests.parse_init_weights_update_group,
             {"master_address": "127.0.0.1", "master_port": 70000, "rank_offset": 1, "world_size": 2},
             "master_port",
         ),
         (
-            protocol.parse_init_weights_update_group,
+            engine_requests.parse_init_weights_update_group,
             {"master_address": ["h"], "master_port": 1, "rank_offset": 1, "world_size": 2},
             "master_address",
         ),
         (
-            protocol.parse_update_weights_from_distributed,
+            engine_requests.parse_update_weights_from_distributed,
             {"names": ["w"], "dtypes": ["float32"], "shapes": [["a"]]},
             "shapes[0]",
         ),
         (
-            protocol.parse_update_weights_from_distributed,
+            engine_requests.parse_update_weights_from_distributed,
             {"names": ["w"], "dtypes": ["float32"], "shapes": [3]},
             "shapes",
         ),
@@ -380,20 +383,22 @@ def test_control_request_errors_name_the_field(parse, body, field):
 
 
 def test_control_request_parsers():
-    update = protocol.parse_update_weights_from_tensor(
+    update = engine_requests.parse_update_weights_from_tensor(
         {"serialized_named_tensors": ["abc"], "load_format": "flattened_bucket", "weight_version": "4"}
     )
     assert update.load_format == "flattened_bucket" and not update.abort_all_requests
     assert update.weight_version == "4"
     with pytest.raises(protocol.ProtocolError, match="serialized_named_tensors"):
-        protocol.parse_update_weights_from_tensor({"serialized_named_tensors": "abc"})
-    init = protocol.parse_init_weights_update_group(
+        engine_requests.parse_update_weights_from_tensor({"serialized_named_tensors": "abc"})
+    init = engine_requests.parse_init_weights_update_group(
         protocol.init_weights_update_group_body("h", 1, 1, 2, "g", "gloo")
     )
     assert (init.master_address, init.master_port, init.rank_offset, init.world_size) == ("h", 1, 1, 2)
     with pytest.raises(protocol.ProtocolError, match="master_port"):
-        protocol.parse_init_weights_update_group({"master_address": "h", "rank_offset": 1, "world_size": 2})
-    distributed = protocol.parse_update_weights_from_distributed(
+        engine_requests.parse_init_weights_update_group(
+            {"master_address": "h", "rank_offset": 1, "world_size": 2}
+        )
+    distributed = engine_requests.parse_update_weights_from_distributed(
         protocol.update_weights_from_distributed_body(["w"], ["bfloat16"], [[2, 3]], "g", None, False, 2)
     )
     assert (distributed.shapes, distributed.dtypes, distributed.weight_version) == (
@@ -401,11 +406,11 @@ def test_control_request_parsers():
         ["bfloat16"],
         "2",
     )
-    assert protocol.parse_memory_tags(None) == protocol.MEMORY_TAGS
-    assert protocol.parse_memory_tags({"tags": ["weights"]}) == ("weights",)
-    assert protocol.parse_abort_request({"abort_all": True}).abort_all
+    assert engine_requests.parse_memory_tags(None) == protocol.MEMORY_TAGS
+    assert engine_requests.parse_memory_tags({"tags": ["weights"]}) == ("weights",)
+    assert engine_requests.parse_abort_request({"abort_all": True}).abort_all
     with pytest.raises(protocol.ProtocolError, match=r"^rid:"):
-        protocol.parse_abort_request({"rid": ""})
+        engine_requests.parse_abort_request({"rid": ""})
     assert protocol.parse_weight_version("default") == 0
     with pytest.raises(protocol.ProtocolError, match="weight_version"):
         protocol.parse_weight_version("v1")

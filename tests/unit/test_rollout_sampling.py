@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from megatron_dapo.rollout.cpu_engine.requests import EngineSampling
 from megatron_dapo.rollout.cpu_engine.sampling import sample_tokens
 from megatron_dapo.rollout.cpu_engine.scheduler import finish_reason_after
-from megatron_dapo.rollout.sglang_protocol import EngineSampling
 
 VOCAB = 50
 

@@ -23,15 +23,9 @@ from typing import TypeVar
 import torch
 
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
+from megatron_dapo.rollout.cpu_engine.requests import EngineSampling, GenerateItem
 from megatron_dapo.rollout.cpu_engine.sampling import sample_tokens
-from megatron_dapo.rollout.sglang_protocol import (
-    EngineSampling,
-    GenerateItem,
-    ProtocolError,
-    finish_abort,
-    finish_length,
-    finish_stop,
-)
+from megatron_dapo.rollout.sglang_protocol import ProtocolError, finish_abort, finish_length, finish_stop
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.api_key import is_authorized, needs_key
+from megatron_dapo.rollout.cpu_engine import requests as engine_requests
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler, Sequence
 from megatron_dapo.rollout.host_payload import DEFAULT_SHM_DIR, parse_host_payload, read_host_payload
@@ -110,7 +111,7 @@ class EngineServer:
 
     async def generate(self, request: web.Request) -> web.Response:
         try:
-            items, single = protocol.parse_generate_request(
+            items, single = engine_requests.parse_generate_request(
                 await _read_json(request), self.runner.vocab_size, self.settings.max_sequences_per_request
             )
             if self._released_tags:
@@ -131,7 +132,7 @@ class EngineServer:
         token_texts = None
         if item.return_text_in_logprobs and self.tokenizer is not None:
             token_texts = [self.tokenizer.decode([token]) for token in sequence.output_ids]
-        return protocol.generate_output(
+        return engine_requests.generate_output(
             rid=item.rid,
             output_ids=sequence.output_ids,
             logprobs=sequence.logprobs if item.return_logprob else None,
@@ -159,7 +160,7 @@ class EngineServer:
     async def health_generate(self, request: web.Request) -> web.Response:
         """One greedy token from token 0, as SGLang's /health_generate."""
         body = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
-        items, _ = protocol.parse_generate_request(body, self.runner.vocab_size)
+        items, _ = engine_requests.parse_generate_request(body, self.runner.vocab_size)
         try:
             await asyncio.wait_for(self.scheduler.generate(items), timeout=60)
         except (TimeoutError, RuntimeError):
@@ -168,7 +169,7 @@ class EngineServer:
 
     async def model_info(self, request: web.Request) -> web.Response:
         return web.json_response(
-            protocol.model_info_body(self.model_path, self.tokenizer_path, self.weight_version)
+            engine_requests.model_info_body(self.model_path, self.tokenizer_path, self.weight_version)
         )
 
     async def get_weight_version(self, request: web.Request) -> web.Response:
@@ -183,7 +184,7 @@ class EngineServer:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         try:
-            abort = protocol.parse_abort_request(await _read_json(request))
+            abort = engine_requests.parse_abort_request(await _read_json(request))
         except protocol.ProtocolError as error:
             return _error(400, str(error))
         self.scheduler.abort(None if abort.abort_all else abort.rid)
@@ -197,9 +198,9 @@ class EngineServer:
             message = await self.scheduler.exclusive(operation)
         except Exception as error:  # a bad payload, a failed join or broadcast: report it, keep serving
             message = f"{type(error).__name__}: {error}"
-            return web.json_response(protocol.success_body(False, message), status=400)
+            return web.json_response(engine_requests.success_body(False, message), status=400)
         logger.info(message)
-        return web.json_response(protocol.success_body(True, message))
+        return web.json_response(engine_requests.success_body(True, message))
 
     async def _update_weights(
         self,
@@ -211,7 +212,7 @@ class EngineServer:
         only saves GPU work in SGLang; here a stale prompt would silently mix two models)."""
         if "weights" in self._released_tags:
             return web.json_response(
-                protocol.success_body(False, "weights are released: resume them first"), status=400
+                engine_requests.success_body(False, "weights are released: resume them first"), status=400
             )
         if abort_all_requests:
             self.scheduler.abort(None)
@@ -228,11 +229,11 @@ class EngineServer:
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
         """Host-memory payloads only (rollout/host_payload.py): a pickle is refused, never unpickled."""
         try:
-            update = protocol.parse_update_weights_from_tensor(await _read_json(request))
+            update = engine_requests.parse_update_weights_from_tensor(await _read_json(request))
             # TP size 1: this server is TP rank 0 and reads the first payload.
             payload = parse_host_payload(update.serialized_named_tensors[0], update.load_format)
         except protocol.ProtocolError as error:
-            return web.json_response(protocol.success_body(False, str(error)), status=400)
+            return web.json_response(engine_requests.success_body(False, str(error)), status=400)
         return await self._update_weights(
             lambda: read_host_payload(payload, self.settings.weight_shm_dir),
             update.abort_all_requests,
@@ -244,10 +245,10 @@ class EngineServer:
         (gloo: there is no NCCL on CPU). Several groups may be held at once, one per name. The join waits
         for the trainer on a thread of its own, bounded by the settings' timeout: generation goes on."""
         try:
-            init = protocol.parse_init_weights_update_group(await _read_json(request))
+            init = engine_requests.parse_init_weights_update_group(await _read_json(request))
             self._check_join(init)
         except protocol.ProtocolError as error:
-            return web.json_response(protocol.success_body(False, str(error)), status=400)
+            return web.json_response(engine_requests.success_body(False, str(error)), status=400)
         timeout = timedelta(seconds=self.settings.weight_group_timeout_s)
         self._joining.add(init.group_name)
         try:
@@ -265,15 +266,15 @@ class EngineServer:
             )
         except Exception as error:  # a refused connection, a timeout: report it, keep serving
             message = f"joining {init.group_name!r} failed: {type(error).__name__}: {error}"
-            return web.json_response(protocol.success_body(False, message), status=400)
+            return web.json_response(engine_requests.success_body(False, message), status=400)
         finally:
             self._joining.discard(init.group_name)
         self._groups[init.group_name] = group
         message = f"Joined {init.group_name} as rank {init.rank_offset}."
         logger.info(message)
-        return web.json_response(protocol.success_body(True, message))
+        return web.json_response(engine_requests.success_body(True, message))
 
-    def _check_join(self, init: protocol.InitWeightsUpdateGroup) -> None:
+    def _check_join(self, init: engine_requests.InitWeightsUpdateGroup) -> None:
         """Refuse a join that would open a store (rank 0 hosts it) or reach beyond the served address."""
         if init.backend != "gloo":
             raise protocol.ProtocolError(
@@ -296,10 +297,10 @@ class EngineServer:
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         try:
-            group_name = protocol.parse_destroy_weights_update_group(await _read_json(request))
+            group_name = engine_requests.parse_destroy_weights_update_group(await _read_json(request))
             self._group(group_name)
         except protocol.ProtocolError as error:
-            return web.json_response(protocol.success_body(False, str(error)), status=400)
+            return web.json_response(engine_requests.success_body(False, str(error)), status=400)
 
         def destroy() -> str:
             dist.destroy_process_group(self._groups.pop(group_name))
@@ -316,10 +317,10 @@ class EngineServer:
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         try:
-            update = protocol.parse_update_weights_from_distributed(await _read_json(request))
+            update = engine_requests.parse_update_weights_from_distributed(await _read_json(request))
             group = self._group(update.group_name)
         except protocol.ProtocolError as error:
-            return web.json_response(protocol.success_body(False, str(error)), status=400)
+            return web.json_response(engine_requests.success_body(False, str(error)), status=400)
         return await self._update_weights(
             lambda: _receive_broadcast(update, group), update.abort_all_requests, update.weight_version
         )
@@ -328,7 +329,7 @@ class EngineServer:
 
     async def release_memory_occupation(self, request: web.Request) -> web.Response:
         try:
-            tags = protocol.parse_memory_tags(await _optional_json(request))
+            tags = engine_requests.parse_memory_tags(await _optional_json(request))
         except protocol.ProtocolError as error:
             return _error(400, str(error))
 
@@ -343,7 +344,7 @@ class EngineServer:
 
     async def resume_memory_occupation(self, request: web.Request) -> web.Response:
         try:
-            tags = protocol.parse_memory_tags(await _optional_json(request))
+            tags = engine_requests.parse_memory_tags(await _optional_json(request))
         except protocol.ProtocolError as error:
             return _error(400, str(error))
         if "weights" in tags and "weights" in self._released_tags:
@@ -432,7 +433,7 @@ async def _optional_json(request: web.Request) -> Any:
 
 
 def _receive_broadcast(
-    update: protocol.UpdateWeightsFromDistributed, group: dist.ProcessGroup
+    update: engine_requests.UpdateWeightsFromDistributed, group: dist.ProcessGroup
 ) -> list[tuple[str, torch.Tensor]]:
     """Receive the tensors the group's rank 0 broadcasts, in the order of `names`.
 
