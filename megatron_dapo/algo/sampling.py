@@ -17,7 +17,7 @@ away. The trainer's own group objects pass through untouched: the sampler only r
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from megatron_dapo.algo.metrics import group_metric_sums
@@ -127,6 +127,13 @@ class DynamicSampler(Generic[GroupT]):
             self._kept.append(group)
             self._kept_this_step += 1
         return keep
+
+    def drop_kept(self, unwanted: Callable[[GroupT], bool]) -> list[GroupT]:
+        """Remove and return the kept groups `unwanted` names (e.g. too stale to train on any more)."""
+        dropped = [g for g in self._kept if unwanted(g)]
+        self._kept = [g for g in self._kept if not unwanted(g)]
+        self._carried_in = min(self._carried_in, len(self._kept))
+        return dropped
 
     def take_batch(self) -> tuple[list[GroupT], dict[str, int]]:
         """The first `prompts_per_step` kept groups, oldest first, and this step's counters; the surplus is

@@ -76,6 +76,7 @@ RANGES: dict[str, Interval] = {
     "rollout.request_deadline_floor_s": _POSITIVE,
     "rollout.request_min_tokens_per_s": _POSITIVE,
     "rollout.request_deadline_slack": _AT_LEAST_1,
+    "rollout.max_staleness": Interval(0, 16, "[]", " (0: synchronous)"),
     "optimizer.lr": _POSITIVE,
     "optimizer.warmup_steps": Interval(0),
     "optimizer.weight_decay": Interval(0),
@@ -141,6 +142,12 @@ def validate(cfg: DapoConfig) -> None:
         f"must hold the longest sample (data.max_prompt_tokens + rollout.max_response_tokens = "
         f"{longest_sample} tokens) split over parallel.context={p.context}: raise it to at least "
         f"{-(-longest_sample // p.context)}, raise parallel.context, or lower those limits",
+    )
+    _require(
+        r.max_staleness == 0 or r.backend == "cpu" or not r.colocate,
+        "rollout.max_staleness",
+        "generates while the policy trains, so the servers need GPUs of their own: set rollout.colocate=false "
+        "(launch/*.sh: ROLLOUT_PLACEMENT=dedicated), or max_staleness=0",
     )
     _require(
         not p.sequence_parallel or p.tensor > 1,

@@ -99,6 +99,12 @@ class RolloutConfig:
     request_deadline_floor_s: float = 120.0
     request_min_tokens_per_s: float = 10.0
     request_deadline_slack: float = 3.0
+    # Asynchronous DAPO (README "Synchronous or asynchronous"): eta > 0 generates the next step's groups
+    # while the policy trains, and no trained token comes from weights more than eta versions behind the
+    # step's policy. 0: the synchronous loop. On GPUs it needs colocate=false (servers on their own GPUs).
+    max_staleness: int = 0
+    partial: bool = False  # interrupted samples keep their tokens and continue under newer weights
+    stale_groups: Literal["drop", "regenerate"] = "drop"  # a group past max_staleness: regenerate its prompt
 
 
 @dataclass

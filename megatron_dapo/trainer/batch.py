@@ -22,10 +22,16 @@ class Response:
     finish_reason: FinishReason  # STOP: finished; LENGTH: truncated (aborted samples are never scored)
     reward: float  # rule reward (+1 / -1) plus the soft overlong penalty when it is on
     correct: bool  # the rule reward alone: what dynamic sampling and accuracy count
+    # (weight version, tokens) over token_ids in order: a continued sample has a span per launch.
+    version_spans: tuple[tuple[int, int], ...] = ()
 
     @property
     def truncated(self) -> bool:
         return self.finish_reason is FinishReason.LENGTH
+
+    def spans(self, default_version: int) -> tuple[tuple[int, int], ...]:
+        """The version spans; all tokens from `default_version` (the group's) when none were recorded."""
+        return self.version_spans or ((default_version, len(self.token_ids)),)
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,8 @@ class Group:
     prompt_index: int  # row of the prompt in the training set
     prompt_ids: tuple[int, ...]  # the token ids the engine was prompted with
     responses: tuple[Response, ...]
-    # The weights that generated it: those published after this step (a group carried over from the step
-    # before is one version older than the step's own).
+    # The oldest weights behind any of its tokens: those published after this step (a group carried over
+    # from the step before, or generated ahead of training, is older than the step's own policy).
     weight_version: int = 0
 
     @property
@@ -52,7 +58,7 @@ class StepBatch:
     advantages: Tensor  # [N] float32, group-normalised, the same on every token of the response
     truncated: Tensor  # [N] bool: generation hit max_response_tokens
     rollout_logprobs: list[Tensor]  # N x [response tokens] float32: the engine's log-probs
-    weight_versions: Tensor  # [N] int64: the weights that generated each sample (Group.weight_version)
+    weight_versions: Tensor  # [N] int64: the oldest weights behind each sample's tokens
 
     @classmethod
     def from_groups(cls, groups: Sequence[Group], *, scale_by_std: bool) -> "StepBatch":
@@ -65,7 +71,9 @@ class StepBatch:
             advantages=group_advantages(rewards, group_ids, scale_by_std=scale_by_std),
             truncated=torch.tensor([r.truncated for _, r in responses], dtype=torch.bool),
             rollout_logprobs=[torch.tensor(r.logprobs, dtype=torch.float32) for _, r in responses],
-            weight_versions=torch.tensor([g.weight_version for g, _ in responses], dtype=torch.int64),
+            weight_versions=torch.tensor(
+                [min(v for v, _ in r.spans(g.weight_version)) for g, r in responses], dtype=torch.int64
+            ),
         )
 
     def __len__(self) -> int:

@@ -88,9 +88,17 @@ class Trainer:
             return self.distribute(shares)
 
     def sync_weights(self, metrics: Metrics | None = None) -> None:
-        """Collective: the policy's weights to the engine, as weight version `step`."""
+        """Collective: the policy's weights to the engine, as weight version `step`; generation running
+        ahead of training pauses meanwhile."""
+        if self.cfg.rollout.max_staleness > 0:
+            with self.watchdog.phase("rollout", self.step):  # the other ranks wait in the barrier
+                if self.rollout is not None:
+                    self.rollout.pause()
+                dist.barrier()
         with self.watchdog.phase("weight_sync", self.step):
             report = self.publisher.publish(self.policy.model, self.hf_config, self.step)
+        if self.rollout is not None:
+            self.rollout.resume(self.step)
         if metrics is not None:
             metrics["weight_sync"] = report.metrics(prefix="")
             metrics["timing"]["weight_sync_s"] = report.seconds
@@ -136,7 +144,8 @@ class Trainer:
         if resume_from is not None:
             state = self.policy.resume(resume_from, rank=dist.get_rank())
             if self.rollout is not None:
-                self.rollout.load_state_dict({"loader": state.loader, "sampler": state.sampler})
+                rollout_state = {"loader": state.loader, "sampler": state.sampler}
+                self.rollout.load_state_dict(rollout_state | state.extra.get("rollout", {}))
                 logger.info("resumed from %s (step %d)", resume_from, state.step)
             self.step = state.step
         engine = self.rollout.start_engine(self.run_dir / "logs") if self.rollout is not None else None

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_dapo.config import from_dict
+from megatron_dapo.trainer import loop
 from megatron_dapo.trainer.loop import Trainer
 from megatron_dapo.trainer.policy import role as policy_role
 from megatron_dapo.trainer.policy.role import PolicyRole
@@ -79,6 +80,8 @@ class LoopWithFakes(Trainer):
             ),
             evaluate=lambda: calls.append(("evaluate", self.step)) or {"eval": {"avg@1": 0.5}},
             state_dict=lambda: {"loader": {"step": self.step}, "sampler": {}},
+            pause=lambda: calls.append(("pause",)),
+            resume=lambda version: calls.append(("resume", version)),
         )
         policy = SimpleNamespace(
             model="model",
@@ -115,23 +118,34 @@ def test_each_step_runs_the_paper_order_and_logs_once():
     trainer.fit()
     # The servers must hold the weights of the last sync (version 1) before step 2 generates.
     assert trainer.calls[trainer.calls.index(("generate", 2)) - 1] == ("check_servers", 1)
-    step_two = trainer.calls[trainer.calls.index(("generate", 2)) :][:9]
+    step_two = trainer.calls[trainer.calls.index(("generate", 2)) :][:10]
     assert [c[0] for c in step_two] == [
-        "generate", "release", "shard", "distribute", "train", "publish", "evaluate", "log", "save",
+        "generate", "release", "shard", "distribute", "train", "publish", "resume", "evaluate", "log", "save",
     ]  # fmt: skip
     assert step_two[2:5] == [
         ("shard", "batch2"),
         ("distribute", ["share of batch2"]),
         ("train", "share of batch2"),
     ]
-    assert step_two[5] == ("publish", 2)  # the weights the engine samples step 3 with are version 2
-    logged = step_two[7][2]
+    assert step_two[5:7] == [("publish", 2), ("resume", 2)]  # step 3 samples from version 2
+    logged = step_two[8][2]
     assert (
         logged["rollout"] == {"s": 2}
         and logged["train"] == {"loss": 1.0}
         and logged["eval"] == {"avg@1": 0.5}
     )
     assert logged["weight_sync"] == {"gigabytes": 1.0} and logged["timing"]["weight_sync_s"] == 0.5
+
+
+def test_overlapped_generation_pauses_around_each_weight_update(monkeypatch):
+    barriers = []
+    monkeypatch.setattr(loop.dist, "barrier", lambda: barriers.append(1))
+    trainer = LoopWithFakes(loop_config(rollout={"max_staleness": 1, "colocate": False}))
+    trainer.fit()
+    names = [c[0] for c in trainer.calls]
+    publishes = [i for i, name in enumerate(names) if name == "publish"]
+    assert len(publishes) == 5 and len(barriers) == 5  # every rank waits while rank 0 pauses
+    assert all(names[i - 1] == "pause" and names[i + 1] == "resume" for i in publishes)
 
 
 def test_evaluation_and_saves_follow_their_cadence_and_the_last_step():

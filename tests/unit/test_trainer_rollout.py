@@ -17,10 +17,11 @@ from megatron_dapo.trainer.rollout.collector import (
     RewardSettings,
     RolloutCollector,
     RolloutSettings,
+    Tally,
     _rollout_metrics,
-    request_seed,
     score_group,
 )
+from megatron_dapo.trainer.rollout.flights import request_seed
 
 TOKENIZER = build_demo_tokenizer()
 G = 4
@@ -103,6 +104,12 @@ def collector(
     return RolloutCollector(engine, loader, sampler, TOKENIZER, settings)
 
 
+def run_step(collect: RolloutCollector, step: int):
+    """One step's collection, the engine holding the weights of the step before (as after a sync)."""
+    collect.version = step - 1
+    return asyncio.run(collect.collect(step))
+
+
 def mixed_accuracies(count: int, seed: int) -> list[float]:
     """A third of the prompts always right, a third always wrong, a third in between."""
     rng = random.Random(seed)
@@ -112,7 +119,7 @@ def mixed_accuracies(count: int, seed: int) -> list[float]:
 def test_dynamic_sampling_fills_the_batch_with_informative_groups_only():
     accuracies = mixed_accuracies(60, seed=1)
     engine = FakeEngine(accuracies)
-    batch, metrics = asyncio.run(collector(engine, accuracies).collect(step=1))
+    batch, metrics = run_step(collector(engine, accuracies), 1)
     assert len(batch) == 4
     for group in batch:
         assert 0 < sum(group.correct) < G  # all-correct and all-wrong groups were filtered
@@ -126,7 +133,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups_only():
 def test_without_dynamic_sampling_every_group_is_kept():
     accuracies = mixed_accuracies(60, seed=2)
     engine = FakeEngine(accuracies)
-    batch, metrics = asyncio.run(collector(engine, accuracies, enabled=False).collect(step=1))
+    batch, metrics = run_step(collector(engine, accuracies, enabled=False), 1)
     assert len(batch) == 4 and metrics["sampling"]["prompts_submitted"] == 4
 
 
@@ -135,7 +142,7 @@ def test_the_surplus_is_aborted_and_valid_late_groups_carry_over():
     engine = FakeEngine(accuracies, delay_s=0.02)
     collect = collector(engine, accuracies, prompts_per_step=4, inflight=12)
     collect.sampler._prev_kept, collect.sampler._prev_seen = 1, 9  # a low keep rate: it over-submits
-    batch, metrics = asyncio.run(collect.collect(step=1))
+    batch, metrics = run_step(collect, 1)
     assert len(batch) == 4
     assert engine.aborted, "requests still generating when the batch filled must be aborted"
     # An abort can cross a group finishing anyway: that group is kept (carried), not lost.
@@ -143,7 +150,7 @@ def test_the_surplus_is_aborted_and_valid_late_groups_carry_over():
     carried = metrics["sampling"]["groups_carried_out"]
     assert carried == len(collect.sampler.state_dict()["carried"])
     # The next step starts with the carried groups.
-    batch2, metrics2 = asyncio.run(collect.collect(step=2))
+    batch2, metrics2 = run_step(collect, 2)
     assert metrics2["sampling"]["groups_carried_in"] == carried
     assert len(batch2) == 4
 
@@ -153,7 +160,7 @@ def test_deterministic_mode_awaits_the_surplus_and_carries_it_over():
     engine = FakeEngine(accuracies)
     collect = collector(engine, accuracies, deterministic=True, inflight=12)
     collect.sampler._prev_kept, collect.sampler._prev_seen = 1, 9
-    _, metrics = asyncio.run(collect.collect(step=1))
+    _, metrics = run_step(collect, 1)
     assert not engine.aborted
     assert metrics["sampling"]["groups_carried_out"] > 0
 
@@ -161,7 +168,7 @@ def test_deterministic_mode_awaits_the_surplus_and_carries_it_over():
 def test_in_flight_prompts_stay_within_the_limit():
     accuracies = mixed_accuracies(80, seed=3)
     engine = FakeEngine(accuracies)
-    asyncio.run(collector(engine, accuracies, prompts_per_step=8, inflight=3).collect(step=1))
+    run_step(collector(engine, accuracies, prompts_per_step=8, inflight=3), 1)
     assert engine.max_in_flight <= 3
 
 
@@ -169,7 +176,7 @@ def test_a_batch_that_cannot_be_filled_fails_clearly():
     accuracies = [0.0] * 50  # every group all wrong
     engine = FakeEngine(accuracies, delay_s=0.001)
     with pytest.raises(DynamicSamplingError, match="after 2 rounds"):
-        asyncio.run(collector(engine, accuracies, max_rounds=2).collect(step=1))
+        run_step(collector(engine, accuracies, max_rounds=2), 1)
     assert len(engine.requests) == 2 * 4  # exactly the round budget, then it stopped
 
 
@@ -177,7 +184,7 @@ def test_a_batch_that_cannot_be_filled_fails_clearly():
 def test_every_request_carries_its_own_seed(deterministic):
     accuracies = mixed_accuracies(60, seed=4)
     engine = FakeEngine(accuracies)
-    asyncio.run(collector(engine, accuracies, deterministic=deterministic).collect(step=7))
+    run_step(collector(engine, accuracies, deterministic=deterministic), 7)
     seeds = [seed for _, seed in engine.requests]
     assert len(set(seeds)) == len(seeds)
     request_id, seed = engine.requests[0]
@@ -191,7 +198,7 @@ def test_deterministic_collection_does_not_depend_on_timing():
     for wall_seed in (1, 2):
         engine = FakeEngine(accuracies, wall_seed=wall_seed)
         collect = collector(engine, accuracies, deterministic=True)
-        runs.append([asyncio.run(collect.collect(step=s))[0] for s in (1, 2)])
+        runs.append([run_step(collect, s)[0] for s in (1, 2)])
     assert runs[0] == runs[1]
 
 
@@ -231,7 +238,7 @@ def test_saturated_prompts_are_skipped_and_not_generated_again():
     collect = collector(engine, accuracies, deterministic=True, skip=skip)
     skipped = 0
     for step in range(1, 9):  # several epochs of the 24 prompts
-        _, metrics = asyncio.run(collect.collect(step=step))
+        _, metrics = run_step(collect, step)
         skipped += metrics["sampling"]["prompts_skipped_saturated"]
     assert collect.loader.epoch >= 2
     rows = requested_rows(engine)
@@ -251,7 +258,7 @@ def test_without_skip_saturated_prompts_come_back_every_epoch():
     engine = FakeEngine(accuracies, delay_s=0.001)
     collect = collector(engine, accuracies, deterministic=True)
     for step in range(1, 9):
-        _, metrics = asyncio.run(collect.collect(step=step))
+        _, metrics = run_step(collect, step)
         assert metrics["sampling"]["prompts_skipped_saturated"] == 0
     rows = requested_rows(engine)
     assert max(rows.count(row) for row, a in enumerate(accuracies) if a == 1.0) >= 2
@@ -275,11 +282,12 @@ def test_filtered_token_share_counts_the_saturated_groups_generated(filtering):
         scored_group(2, [False] * G, lengths[2]),
         scored_group(3, [False, False, True, False], lengths[3]),
     ]
-    aborted = [[Completion([7] * n, [-0.1] * n, FinishReason.ABORT) for n in lengths[4]]]
+    # the fifth group was interrupted and thrown away
+    tally = Tally(tokens_generated=sum(map(sum, lengths)), tokens_discarded=sum(lengths[4]), groups_aborted=1)
     stats = {"groups_kept": 2, "groups_carried_in": 0, "groups_carried_out": 0}
-    sampling = _rollout_metrics(finished[1::2], finished, aborted, stats, 5, filtering)["sampling"]
+    sampling = _rollout_metrics(finished[1::2], finished, tally, stats, 5, filtering)["sampling"]
     saturated = sum(lengths[0]) + sum(lengths[2])
-    assert sampling["tokens_generated"] == sum(map(sum, lengths))
+    assert sampling["tokens_discarded"] == sum(lengths[4]) and sampling["groups_aborted"] == 1
     assert sampling["tokens_filtered"] == (saturated if filtering else 0)
     assert sampling["filtered_token_share"] == pytest.approx(
         (saturated if filtering else 0) / sum(map(sum, lengths))

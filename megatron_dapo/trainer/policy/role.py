@@ -113,7 +113,11 @@ class PolicyRole:
             loader=rollout_state.get("loader", {}),
             sampler=rollout_state.get("sampler", {}),
             scheduler=self.policy.scheduler.state_dict(),
-            extra={"optimizer_metadata": optimizer_metadata()},
+            extra={
+                "optimizer_metadata": optimizer_metadata(),
+                # the flights to continue and, overlapped, the next step's batch if already collected
+                "rollout": {k: v for k, v in rollout_state.items() if k not in ("loader", "sampler")},
+            },
         )
         return save_checkpoint(
             root,

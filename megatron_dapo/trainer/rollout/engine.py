@@ -5,6 +5,7 @@ loop of its own thread (rollout/background.py's BackgroundLoop), so that the tra
 
 import contextlib
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,6 +92,10 @@ class EngineConnection:
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run an engine call from the training thread and wait for it."""
         return self.loop.run(coroutine)
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start an engine call from the training thread; it runs while the thread goes on."""
+        return self.loop.submit(coroutine)
 
     def close(self) -> None:
         with contextlib.ExitStack() as stack:  # every step runs even if one fails

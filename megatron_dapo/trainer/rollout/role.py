@@ -5,6 +5,7 @@ Megatron. Data loads first, so that a bad row is reported before a model is buil
 import contextlib
 import logging
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ class RolloutRole:
             max_rounds=cfg.algorithm.max_sampling_rounds,
         )
         self.engine: EngineConnection | None = None
+        # rollout.max_staleness > 0: the next step's collection, running while the policy trains
+        self._ahead: tuple[int, Future] | None = None
+        self._restored: dict[str, Any] = {}  # the checkpoint's collector state, for the collector to come
         self._failures_logged = 0  # the client's count of servers taken out of dispatch, as last logged
         self._restarts = 0  # since the last step's metrics
         self._closing = contextlib.ExitStack()
@@ -63,6 +67,9 @@ class RolloutRole:
         self.collector = RolloutCollector(
             self.engine.client, self.loader, self.sampler, self.tokenizer, settings
         )
+        self.collector.load_state_dict(self._restored.get("collector", {}))
+        if (ahead := self._restored.get("ahead")) is not None:
+            self._ahead = (ahead["step"], _done(ahead["groups"], ahead["metrics"]))
         return self.engine
 
     def check_servers(self, version: int) -> None:
@@ -80,10 +87,25 @@ class RolloutRole:
                 "rollout.num_servers >= 2; see the server logs in the run's logs/",
             )
 
+    @property
+    def overlapped(self) -> bool:
+        """Whether generation runs ahead of training (rollout.max_staleness > 0)."""
+        return self.cfg.rollout.max_staleness > 0
+
     def generate(self, step: int) -> tuple[StepBatch, Metrics]:
         """The step's groups (G samples per prompt, rewarded, 0 < #correct < G under dynamic sampling) as
-        samples with group-normalised advantages, and the rollout metrics."""
-        groups, metrics = self.engine.run(self.collector.collect(step))
+        samples with group-normalised advantages, and the rollout metrics. Overlapped, the batch was being
+        collected while the previous step trained, and the next one's collection starts before returning."""
+        started = time.perf_counter()
+        if self._ahead is not None and self._ahead[0] == step:
+            groups, metrics = self._ahead[1].result()
+        else:
+            groups, metrics = self.engine.run(self.collector.collect(step))
+        self._ahead = None
+        waited = time.perf_counter() - started
+        if self.overlapped:
+            self._ahead = (step + 1, self.engine.submit(self.collector.collect(step + 1)))
+        metrics.setdefault("timing", {})["wait_rollout_s"] = waited
         batch = StepBatch.from_groups(groups, scale_by_std=self.cfg.algorithm.scale_advantage_by_std)
         failures = self.engine.client.failures
         metrics.setdefault("rollout", {}).update(
@@ -91,6 +113,20 @@ class RolloutRole:
         )
         self._failures_logged, self._restarts = failures, 0
         return batch, metrics
+
+    def pause(self) -> None:
+        """Before a weight update, overlapped: interrupt generation (or let the next batch finish first, when
+        deterministic, so that no interruption depends on timing)."""
+        if self._ahead is None:
+            return
+        if self.cfg.train.deterministic:
+            self._ahead[1].result()
+        else:
+            self.engine.run(self.collector.pause())
+
+    def resume(self, version: int) -> None:
+        """After a weight update: the engine holds `version`, and generation goes on with it."""
+        self.engine.run(self.collector.resume(version))
 
     def release_memory(self) -> None:
         """Colocated servers hand their GPU memory to training."""
@@ -118,14 +154,30 @@ class RolloutRole:
         return {"eval": result.metrics(), "timing": {"eval_s": time.perf_counter() - started}}
 
     def state_dict(self) -> dict[str, Any]:
-        """The prompt stream's position and the groups carried into the next step."""
-        return {"loader": self.loader.state_dict(), "sampler": self.sampler.state_dict()}
+        """The prompt stream's position, the groups carried into the next step, the flights to continue,
+        and the next step's batch when it is already collected; taken on the engine's loop, between two of
+        the collector's moves."""
+        return self.engine.run(self._state_dict())
+
+    async def _state_dict(self) -> dict[str, Any]:
+        state = {
+            "loader": self.loader.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "collector": self.collector.state_dict(),
+        }
+        if self._ahead is not None and self._ahead[1].done() and self._ahead[1].exception() is None:
+            groups, metrics = self._ahead[1].result()
+            state["ahead"] = {"step": self._ahead[0], "groups": groups, "metrics": metrics}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
         self.sampler.load_state_dict(state["sampler"])
+        self._restored = state
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].cancel()
         self._closing.close()
 
 
@@ -147,6 +199,9 @@ def rollout_settings(cfg: DapoConfig, stop_token_ids: tuple[int, ...]) -> Rollou
         max_inflight_prompts=r.max_inflight_prompts or 2 * cfg.train.prompts_per_step,
         seed=cfg.train.seed,
         deterministic=cfg.train.deterministic,
+        partial=r.partial,
+        max_staleness=r.max_staleness,
+        regenerate_stale=r.stale_groups == "regenerate",
         reward=RewardSettings(
             max_response_tokens=r.max_response_tokens,
             overlong_buffer_tokens=a.overlong_buffer_tokens if a.overlong_penalty else None,
@@ -165,3 +220,10 @@ def eval_params(cfg: DapoConfig, stop_token_ids: tuple[int, ...]) -> SamplingPar
         stop_token_ids=stop_token_ids,
         seed=cfg.train.seed,
     )
+
+
+def _done(*result: Any) -> Future:
+    """A finished future holding `result`: the next step's batch, collected before a checkpoint."""
+    future: Future = Future()
+    future.set_result(result)
+    return future
