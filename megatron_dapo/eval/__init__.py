@@ -32,7 +32,7 @@ from megatron_dapo.eval.job import (
     run_job,
     server_specs,
 )
-from megatron_dapo.eval.model_dir import is_megatron_checkpoint, load_tokenizer, served_model_dir
+from megatron_dapo.eval.model_dir import is_megatron_checkpoint, served_model_dir
 from megatron_dapo.eval.outputs import RESULTS_FILE, SAMPLES_FILE, format_table, sample_rows, write_outputs
 from megatron_dapo.eval.results import EvalResult, ProblemResult, SampleResult, default_ks, summarize
 from megatron_dapo.eval.run import evaluate, evaluate_sets, gather_or_cancel, score_problem
@@ -59,7 +59,6 @@ __all__ = [
     "gather_or_cancel",
     "is_megatron_checkpoint",
     "load_eval_set",
-    "load_tokenizer",
     "merge_duplicates",
     "run_job",
     "sample_rows",

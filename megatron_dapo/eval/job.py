@@ -8,14 +8,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megatron_dapo.data.dataset import OnBadRow
-from megatron_dapo.eval.model_dir import is_megatron_checkpoint, load_tokenizer, served_model_dir
+from megatron_dapo.data.tokenizer import load_tokenizer
+from megatron_dapo.eval.model_dir import is_megatron_checkpoint, served_model_dir
 from megatron_dapo.eval.outputs import RESULTS_FILE, write_outputs
 from megatron_dapo.eval.results import EvalResult
 from megatron_dapo.eval.run import evaluate_sets
 from megatron_dapo.eval.sets import dataset_names, load_eval_set
 from megatron_dapo.rollout.deadline import DEFAULT_DEADLINES, DeadlinePolicy
 from megatron_dapo.rollout.engine import EngineError, EngineUnavailableError
-from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, ServerStartError, free_port
+from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, ServerStartError, server_layout
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.types import SamplingParams
 
@@ -57,19 +58,14 @@ class EvalJob:
 
 def server_specs(job: EvalJob, model_dir: Path) -> list[ServerSpec]:
     """The servers to launch, each on a free local port; their logs go to out/servers/."""
-    (job.out / "servers").mkdir(parents=True, exist_ok=True)
-    return [
-        ServerSpec(
-            model_path=str(model_dir),
-            port=free_port(),
-            engine=job.engine,
-            tp_size=job.server_tp,
-            base_gpu_id=i * job.server_tp if job.engine == "sglang" else None,
-            random_seed=job.params.seed,
-            log_file=str(job.out / "servers" / f"server_{i}.log"),
-        )
-        for i in range(job.num_servers)
-    ]
+    return server_layout(
+        model_dir,
+        engine=job.engine,
+        num_servers=job.num_servers,
+        tp_size=job.server_tp,
+        log_dir=job.out / "servers",
+        seed=job.params.seed,
+    )
 
 
 async def leave_out_silent_servers(client: SGLangClient) -> None:
@@ -89,6 +85,7 @@ async def run_job(job: EvalJob) -> dict[str, EvalResult]:
     start = time.perf_counter()
     if (job.out / RESULTS_FILE).exists() and not job.overwrite:
         raise FileExistsError(f"{job.out / RESULTS_FILE} exists: choose another --out, or pass --overwrite")
+    megatron = is_megatron_checkpoint(job.model)  # first: names --model when it is neither kind
     tokenizer = load_tokenizer(job.model)
     if job.chat_template and not tokenizer.chat_template:
         raise ValueError(f"the tokenizer of {job.model} has no chat template: pass --no-chat-template")
@@ -124,7 +121,7 @@ async def run_job(job: EvalJob) -> dict[str, EvalResult]:
                 results = await evaluate_sets(client, eval_sets, **kwargs)
     run_info = {
         "model": str(job.model),
-        "megatron_checkpoint": is_megatron_checkpoint(job.model),
+        "megatron_checkpoint": megatron,
         "sampling": {"samples_per_problem": job.samples_per_problem, **asdict(job.params)},
         "chat_template": job.chat_template,
         "boxed_fallback": job.boxed_fallback,

@@ -7,10 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
-
-from megatron_dapo.checkpoint.meta import META_FILE, hf_assets_dir
-from megatron_dapo.data.tokenizer import load_tokenizer as load_tokenizer_dir
+from megatron_dapo.checkpoint.meta import META_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +43,3 @@ def served_model_dir(model: Path) -> Iterator[Path]:
         )
         logger.info("%s", megatron_to_hf(model, Path(tmp) / "hf"))
         yield Path(tmp) / "hf"
-
-
-def load_tokenizer(model: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of `model`; a Megatron checkpoint keeps it in hf/, so it needs no conversion."""
-    return load_tokenizer_dir(hf_assets_dir(model) if is_megatron_checkpoint(model) else model)

@@ -82,6 +82,51 @@ class ServerSpec:
         return command + list(self.extra_args)
 
 
+def server_layout(
+    model_path: str | Path,
+    *,
+    engine: Literal["sglang", "cpu"],
+    num_servers: int,
+    tp_size: int,
+    log_dir: Path,
+    seed: int | None = None,
+    host: str = "127.0.0.1",
+    base_port: int = 0,
+    mem_fraction: float | None = None,
+    memory_saver: bool = False,
+    max_running_requests: int = 0,
+    cpu_threads: int | None = None,
+) -> list[ServerSpec]:
+    """`num_servers` servers of one model, side by side: server i on port base_port + i (0: free ports), on
+    GPUs i * tp_size onwards (SGLang), its log in log_dir/server_i.log (log_dir is created).
+
+    mem_fraction and memory_saver are SGLang's and left out for the CPU engine; cpu_threads sets the CPU
+    engine's OMP_NUM_THREADS (None: its default). max_running_requests 0: the engine's default.
+    """
+    sglang = engine == "sglang"
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    extra_args = ("--max-running-requests", str(max_running_requests)) if max_running_requests else ()
+    threads = {"OMP_NUM_THREADS": str(cpu_threads)} if cpu_threads is not None and not sglang else {}
+    return [
+        ServerSpec(
+            model_path=str(model_path),
+            port=base_port + i if base_port else free_port(host),
+            engine=engine,
+            host=host,
+            tp_size=tp_size,
+            mem_fraction_static=mem_fraction if sglang else None,
+            enable_memory_saver=sglang and memory_saver,
+            base_gpu_id=i * tp_size if sglang else None,
+            random_seed=seed,
+            log_file=str(log_dir / f"server_{i}.log"),
+            extra_args=extra_args,
+            env=threads,
+        )
+        for i in range(num_servers)
+    ]
+
+
 @dataclass(frozen=True)
 class RouterSpec:
     """An sglang-router in front of the servers (package sglang-router; GPU installs only)."""

@@ -14,8 +14,9 @@ import pytest
 from megatron_dapo.rollout.engine import EngineUnavailableError
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import RetryPolicy, SGLangClient
-from megatron_dapo.rollout.testing import save_tiny_qwen2, wait_until_gone
 from megatron_dapo.rollout.types import FinishReason, SamplingParams
+from tests.helpers.processes import wait_until_gone
+from tests.helpers.tiny_models import save_tiny_qwen2
 
 pytestmark = pytest.mark.slow
 

@@ -28,14 +28,19 @@ from megatron_dapo.rollout.background import BackgroundLoop
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
-from megatron_dapo.rollout.testing import reference_logprobs
 from megatron_dapo.rollout.types import SamplingParams
 from megatron_dapo.rollout.weight_payload import serialize_named_tensors
 from megatron_dapo.sync import sync_weights
 from megatron_dapo.sync.broadcast import BroadcastTransport
 from megatron_dapo.sync.placement import Colocation, ServerPlacement, node_name
 from megatron_dapo.sync.tensor import TensorTransport
-from tests.helpers.tiny_models import save_tiny_checkpoint, single_process_groups, tiny_config, tiny_hf_model
+from tests.helpers.tiny_models import (
+    reference_logprobs,
+    save_tiny_checkpoint,
+    single_process_groups,
+    tiny_config,
+    tiny_hf_model,
+)
 
 pytestmark = pytest.mark.gpu
 

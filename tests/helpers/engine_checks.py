@@ -19,9 +19,9 @@ from megatron_dapo.rollout.engine import EngineRequestError
 from megatron_dapo.rollout.host_payload import SegmentWriter
 from megatron_dapo.rollout.launcher import ServerPool
 from megatron_dapo.rollout.sglang_client import SGLangClient
-from megatron_dapo.rollout.testing import reference_logprobs, save_tiny_qwen2
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
 from megatron_dapo.rollout.weight_payload import serialize_flattened_bucket, serialize_named_tensors
+from tests.helpers.tiny_models import reference_logprobs, save_tiny_qwen2
 
 CONTEXT_TOKENS = 2048  # long enough that a request still runs when the abort arrives
 PROMPT = (3, 14, 15, 9, 26, 5)

@@ -1,9 +1,9 @@
-"""Tiny random Hugging Face checkpoints and packed batches for the model and conversion tests (single- and
-multi-process)."""
+"""Tiny random Hugging Face checkpoints, packed batches and reference log-probs for the model, conversion and
+engine tests (single- and multi-process; the engine checks run against real SGLang servers too, tests/gpu)."""
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ import torch.distributed as dist
 import transformers
 from megatron.core.process_groups_config import ProcessGroupCollection
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from megatron_dapo.data.packing import Sample
 from megatron_dapo.demo.tokenizer import save_demo_tokenizer
@@ -18,6 +19,7 @@ from megatron_dapo.parallel.state import ParallelDims, destroy_parallel, init_pa
 from megatron_dapo.rollout.launcher import free_port
 
 VOCAB_SIZE = 97  # odd: the Megatron vocabulary is always padded
+TINY_VOCAB_SIZE = 64  # save_tiny_qwen2's: one token "t<i>" per id
 CONFIGS = {
     "qwen2": transformers.Qwen2Config,
     "qwen3": transformers.Qwen3Config,
@@ -106,6 +108,35 @@ def save_tiny_hf_model(
     return out_dir
 
 
+def save_tiny_qwen2(directory: str | Path, seed: int = 0, max_position_embeddings: int = 128) -> Path:
+    """A random 2-layer Qwen2 (fp32) and a word-level tokenizer ("t0" ... "t63"), saved for from_pretrained.
+
+    Neither the config nor the tokenizer names an EOS token, so generation stops only on the request's
+    stop_token_ids or its length limit.
+    """
+    directory = Path(directory)
+    config = transformers.Qwen2Config(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        bos_token_id=None,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    vocab = {f"t{index}": index for index in range(TINY_VOCAB_SIZE)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0").save_pretrained(directory)
+    return directory
+
+
 def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face directory, whatever its sharding."""
     tensors = {}
@@ -127,17 +158,30 @@ def random_samples(count: int, seed: int, *, min_len: int = 5, max_len: int = 40
 
 
 def hf_response_logprobs(
-    model: transformers.PreTrainedModel, sample: Sample, temperature: float = 1.0
+    model: transformers.PreTrainedModel,
+    sample: Sample,
+    temperature: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs and entropy of the sample's response tokens under the HF model (fp32)."""
+    """Reference log-probs and entropy of the sample's response tokens under the HF model, in `dtype`."""
     ids = torch.tensor(sample.token_ids)[None]
-    logits = model(input_ids=ids).logits[0].float() / temperature
+    logits = model(input_ids=ids).logits[0].to(dtype) / temperature
     logp = torch.log_softmax(logits, dim=-1)
     start = sample.response_start
     tokens = ids[0, start:]
     chosen = logp[start - 1 : -1].gather(1, tokens[:, None]).squeeze(1)
     entropy = -(logp.exp() * logp).sum(-1)[start - 1 : -1]
     return chosen, entropy
+
+
+@torch.inference_mode()
+def reference_logprobs(
+    model: torch.nn.Module, prompt: Sequence[int], completion: Sequence[int], temperature: float
+) -> list[float]:
+    """What SGLang returns as output_token_logprobs (greedy requests: T = 1): log softmax(logits / T) of each
+    completion token, in float64 so that the reference adds no rounding of its own."""
+    sample = Sample(list(prompt) + list(completion), len(prompt))
+    return hf_response_logprobs(model, sample, temperature, torch.float64)[0].tolist()
 
 
 @contextlib.contextmanager

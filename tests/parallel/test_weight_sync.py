@@ -41,7 +41,6 @@ from megatron_dapo.rollout.host_payload import parse_host_payload, read_host_pay
 from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.sglang_protocol import FLATTENED_BUCKET
-from megatron_dapo.rollout.testing import reference_logprobs
 from megatron_dapo.rollout.types import SamplingParams
 from megatron_dapo.sync import is_sender, sync_weights
 from megatron_dapo.sync.broadcast import BroadcastTransport
@@ -50,7 +49,7 @@ from megatron_dapo.sync.report import WeightSyncError
 from megatron_dapo.sync.tensor import TensorTransport
 from megatron_dapo.trainer.policy.train_step import forward_logprobs
 from tests.helpers.distributed_pool import DistributedPool
-from tests.helpers.tiny_models import save_tiny_checkpoint, tiny_config, tiny_hf_model
+from tests.helpers.tiny_models import reference_logprobs, save_tiny_checkpoint, tiny_config, tiny_hf_model
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,8 @@ from megatron_dapo.rollout.cpu_engine.server import EngineServer, ServerSettings
 from megatron_dapo.rollout.engine import EngineRequestError
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
-from megatron_dapo.rollout.testing import TINY_VOCAB_SIZE, save_tiny_qwen2
 from megatron_dapo.rollout.types import SamplingParams
+from tests.helpers.tiny_models import TINY_VOCAB_SIZE, save_tiny_qwen2
 
 CONTEXT_TOKENS = 128  # save_tiny_qwen2's max_position_embeddings
 

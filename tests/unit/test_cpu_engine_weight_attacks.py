@@ -26,7 +26,7 @@ from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
 from megatron_dapo.rollout.cpu_engine.server import EngineServer, ServerSettings
 from megatron_dapo.rollout.host_payload import SegmentWriter
-from megatron_dapo.rollout.testing import save_tiny_qwen2
+from tests.helpers.tiny_models import save_tiny_qwen2
 
 NORM = "model.norm.weight"  # [32] float32 in the tiny model
 

@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 from collections.abc import Sequence
 from fractions import Fraction
 from math import comb
@@ -15,14 +16,16 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_dapo import eval as ev
+from megatron_dapo.checkpoint.meta import META_FILE
 from megatron_dapo.data.catalog import dataset_file
 from megatron_dapo.data.dataset import BadDataError, TokenizedPrompt, tokenize_records
 from megatron_dapo.data.record import PromptRecord
 from megatron_dapo.data.template import apply_prompt_template
+from megatron_dapo.data.tokenizer import load_tokenizer
 from megatron_dapo.demo.tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from megatron_dapo.rollout.engine import EngineError
-from megatron_dapo.rollout.testing import save_tiny_qwen2
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
+from tests.helpers.tiny_models import save_tiny_qwen2
 
 PARAMS = SamplingParams(temperature=1.0, top_p=0.7, max_new_tokens=64)
 
@@ -378,9 +381,26 @@ def test_a_plain_tokenizers_backend_survives_a_qwen2_config(tmp_path: Path) -> N
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model_dir / name).unlink()
     save_demo_tokenizer(model_dir)  # the CPU demo's layout: a qwen2 config.json beside a character tokenizer
-    tokenizer = ev.load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     ids = tokenizer.encode("Answer: 7", add_special_tokens=False)
     assert tokenizer.decode(ids) == "Answer: 7" and len(ids) == 9
+
+
+def test_a_directory_without_a_tokenizer_is_named_with_the_fix(tmp_path: Path) -> None:
+    model_dir = save_tiny_qwen2(tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).unlink()
+    checkpoint = tmp_path / "megatron"  # a Megatron checkpoint whose hf/ lost its tokenizer
+    checkpoint.mkdir()
+    (checkpoint / META_FILE).write_text("{}")
+    for path, looked_in in (
+        (model_dir, model_dir),
+        (tmp_path / "none", tmp_path / "none"),
+        (checkpoint, checkpoint / "hf"),
+    ):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"{path}: no tokenizer")) as error:
+            load_tokenizer(path)
+        assert f"in {looked_in}): give a Hugging Face model or tokenizer directory" in str(error.value)
 
 
 def test_a_hugging_face_directory_is_served_as_is(tmp_path: Path) -> None:
@@ -399,7 +419,7 @@ def test_a_megatron_checkpoint_is_converted_to_a_temporary_directory(tmp_path: P
 
     hf_dir = save_tiny_qwen2(tmp_path / "hf", seed=5)
     hf_to_megatron(hf_dir, tmp_path / "megatron")
-    assert ev.load_tokenizer(tmp_path / "megatron").encode("t3 t9") == [3, 9]
+    assert load_tokenizer(tmp_path / "megatron").encode("t3 t9") == [3, 9]
     with caplog.at_level(logging.WARNING), ev.served_model_dir(tmp_path / "megatron") as served:
         assert "is a Megatron checkpoint: converting it" in caplog.text
         converted, original = load_file(served / "model.safetensors"), load_file(hf_dir / "model.safetensors")

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import os
+import random
 import re
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import aiohttp
 import psutil
 import pytest
 
+from megatron_dapo.config import RolloutConfig
 from megatron_dapo.rollout.api_key import API_KEY_ENV, new_api_key
 from megatron_dapo.rollout.launcher import (
     ManagedServer,
@@ -23,7 +25,8 @@ from megatron_dapo.rollout.launcher import (
     ServerStartError,
     free_port,
 )
-from megatron_dapo.rollout.testing import wait_until_gone
+from megatron_dapo.trainer.rollout.engine import server_specs
+from tests.helpers.processes import wait_until_gone
 
 # A server that only answers /health: what the launcher needs to see.
 HEALTH_ONLY_SERVER = (
@@ -67,6 +70,35 @@ def test_router_command_line():
         sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", "http://127.0.0.1:1",
         "http://127.0.0.1:2", "--host", "127.0.0.1", "--port", "30000", "--policy", "cache_aware",
     ]  # fmt: skip
+
+
+def test_the_trainer_lays_out_sglang_servers_side_by_side(tmp_path):
+    rng = random.Random()
+    num, tp, port, seed = rng.randint(2, 4), rng.randint(1, 4), rng.randint(20000, 40000), rng.randint(0, 999)
+    running, fraction = rng.randint(1, 64), rng.uniform(0.1, 0.9)
+    cfg = RolloutConfig(
+        num_servers=num, server_tp=tp, base_port=port, mem_fraction=fraction, max_running_requests=running
+    )
+    specs = server_specs(cfg, "/models/qwen", tmp_path / "logs", seed)
+    assert [(s.port, s.base_gpu_id, s.log_file) for s in specs] == [
+        (port + i, i * tp, str(tmp_path / "logs" / f"server_{i}.log")) for i in range(num)
+    ]
+    assert (tmp_path / "logs").is_dir()
+    shared = {(s.model_path, s.engine, s.host, s.tp_size, s.mem_fraction_static) for s in specs}
+    assert shared == {("/models/qwen", "sglang", "127.0.0.1", tp, fraction)}
+    assert {s.random_seed for s in specs} == {seed}
+    assert all(s.enable_memory_saver and not s.env for s in specs)  # colocated by default
+    assert {s.extra_args for s in specs} == {("--max-running-requests", str(running))}
+
+
+def test_cpu_engines_take_no_gpu_settings_and_one_thread(tmp_path):
+    cfg = RolloutConfig(backend="cpu", num_servers=3, base_port=0, mem_fraction=0.5, colocate=True)
+    specs = server_specs(cfg, "/models/tiny", tmp_path, seed=1)
+    assert len({s.port for s in specs}) == 3 and all(s.port > 0 for s in specs)  # free ports
+    assert all(s.base_gpu_id is None and s.mem_fraction_static is None for s in specs)
+    assert not any(s.enable_memory_saver or s.extra_args for s in specs)
+    assert all(dict(s.env) == {"OMP_NUM_THREADS": "1"} for s in specs)
+    assert all("--base-gpu-id" not in s.command() for s in specs)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
 from megatron_dapo.rollout.sglang_protocol import ProtocolError
-from megatron_dapo.rollout.testing import save_tiny_qwen2
+from tests.helpers.tiny_models import save_tiny_qwen2
 
 
 @pytest.fixture(scope="module")

@@ -14,36 +14,31 @@ import torch
 from megatron_dapo.config import RolloutConfig
 from megatron_dapo.rollout.background import BackgroundLoop
 from megatron_dapo.rollout.deadline import DEFAULT_DEADLINES, DeadlinePolicy
-from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, free_port
+from megatron_dapo.rollout.launcher import ServerPool, ServerSpec, server_layout
 from megatron_dapo.rollout.sglang_client import SGLangClient
 
 # The CPU engine shares the machine's cores with the trainer, which waits while it generates: one thread
 # each keeps them from fighting over the cores (rollout/cpu_engine/__main__.py measured 6 ms vs 320 ms).
-CPU_ENGINE_THREADS = "1"
+CPU_ENGINE_THREADS = 1
 T = TypeVar("T")
 
 
 def server_specs(cfg: RolloutConfig, model_path: str, log_dir: Path, seed: int) -> list[ServerSpec]:
     """One server per rollout.num_servers, each on rollout.server_tp GPUs (SGLang) or one process (CPU)."""
-    sglang = cfg.backend == "sglang"
-    extra_args = ("--max-running-requests", str(cfg.max_running_requests)) if cfg.max_running_requests else ()
-    return [
-        ServerSpec(
-            model_path=model_path,
-            port=cfg.base_port + i if cfg.base_port else free_port(cfg.host),
-            engine=cfg.backend,
-            host=cfg.host,
-            tp_size=cfg.server_tp,
-            mem_fraction_static=cfg.mem_fraction if sglang else None,
-            enable_memory_saver=sglang and cfg.colocate,
-            base_gpu_id=i * cfg.server_tp if sglang else None,
-            random_seed=seed,
-            log_file=str(log_dir / f"server_{i}.log"),
-            extra_args=extra_args,
-            env={} if sglang else {"OMP_NUM_THREADS": CPU_ENGINE_THREADS},
-        )
-        for i in range(cfg.num_servers)
-    ]
+    return server_layout(
+        model_path,
+        engine=cfg.backend,
+        num_servers=cfg.num_servers,
+        tp_size=cfg.server_tp,
+        log_dir=log_dir,
+        seed=seed,
+        host=cfg.host,
+        base_port=cfg.base_port,
+        mem_fraction=cfg.mem_fraction,
+        memory_saver=cfg.colocate,
+        max_running_requests=cfg.max_running_requests,
+        cpu_threads=CPU_ENGINE_THREADS,
+    )
 
 
 def request_deadlines(cfg: RolloutConfig) -> DeadlinePolicy:
@@ -79,7 +74,6 @@ class EngineConnection:
             return cls(list(cfg.server_urls), deadlines=deadlines)
         if cfg.backend == "sglang" and not torch.cuda.is_available():
             raise RuntimeError("rollout.backend=sglang needs GPUs: set rollout.backend=cpu on this machine")
-        log_dir.mkdir(parents=True, exist_ok=True)
         loop = BackgroundLoop()
         pool = ServerPool(server_specs(cfg, model_path, log_dir, seed))
         try:
