@@ -135,6 +135,7 @@ class RolloutCollector:
         self.running: list[Flight] = []
         self.waiting: list[Flight] = []  # interrupted, to continue at their next launch
         self.retry: list[TokenizedPrompt] = []  # prompts of groups dropped as stale, to generate again
+        self._prompts = {p.record.index: p for p in loader.prompts}  # by training-set row
         self.tally = Tally()
         self._unpaused = asyncio.Event()
         self._unpaused.set()
@@ -174,6 +175,8 @@ class RolloutCollector:
             raise
         batch, stats = self.sampler.take_batch()
         tally, self.tally = self.tally, Tally()
+        if self.settings.max_staleness > 0:  # what the next step could not train on stops generating now
+            await self._drop_stale(step + 1)
         metrics = _rollout_metrics(batch, finished, tally, stats, submitted, self.sampler.enabled)
         metrics["rollout"].update(staleness_metrics(batch, step))
         metrics["sampling"]["prompts_skipped_saturated"] = self.loader.skipped_saturated - skipped_before
@@ -236,7 +239,7 @@ class RolloutCollector:
             return
         group = self._group(flight)
         if self._stale(group.weight_version, step):
-            self._drop(group.prompt_index, flight.prompt, len(group.responses), flight.tokens)
+            self._drop(group.prompt_index, len(group.responses), flight.tokens)
             return
         finished.append(group)
         self.sampler.add(group, group.correct)
@@ -254,17 +257,17 @@ class RolloutCollector:
     def _stale(self, version: int, step: int) -> bool:
         return step - 1 - version > self.settings.staleness_bound
 
-    def _drop(self, prompt_index: int, prompt: TokenizedPrompt | None, samples: int, tokens: int) -> None:
+    def _drop(self, prompt_index: int, samples: int, tokens: int) -> None:
         self.tally.dropped_stale_samples += samples
         self.tally.tokens_dropped_stale += tokens
-        if self.settings.regenerate_stale and prompt is not None:
-            self.retry.append(prompt)
+        if self.settings.regenerate_stale:
+            self.retry.append(self._prompts[prompt_index])
 
     async def _drop_stale(self, step: int) -> None:
         """Before collecting `step`: groups and flights too stale to train on at `step` leave."""
         for group in self.sampler.drop_kept(lambda g: self._stale(g.weight_version, step)):
             tokens = sum(len(r.token_ids) for r in group.responses)
-            self._drop(group.prompt_index, None, len(group.responses), tokens)
+            self._drop(group.prompt_index, len(group.responses), tokens)
         for flights in (self.waiting, self.running):
             stale = [f for f in flights if self._stale(f.oldest_version, step)]
             for flight in stale:
@@ -272,7 +275,7 @@ class RolloutCollector:
                 if flight.task is not None:
                     await self._interrupt([flight])
                     self.tally.tokens_generated += flight.settle(flight.task.result())
-                self._drop(flight.prompt.record.index, flight.prompt, len(flight.samples), flight.tokens)
+                self._drop(flight.prompt.record.index, len(flight.samples), flight.tokens)
 
     async def _interrupt(self, flights: list[Flight]) -> None:
         """Abort the flights' requests and wait until each has returned what it generated."""
@@ -289,12 +292,10 @@ class RolloutCollector:
             while self.running:
                 self._settle(await self._next_finished(), step, finished)
             return
-        if self.settings.max_staleness == 0:
+        if self.settings.max_staleness == 0:  # else the next step's collection goes on with them
             await self._interrupt([f for f in self.running if not f.task.done()])
             while self.running:
                 self._settle(await self._next_finished(), step, finished)
-            return
-        await self._drop_stale(step + 1)
 
     def state_dict(self) -> dict[str, Any]:
         """The flights to continue (a running launch restarts from its samples' settled tokens) and the
