@@ -42,10 +42,11 @@ def engine_url(demo_inputs, tmp_path_factory):
     pool.stop()
 
 
-def command(inputs, run_dir: Path, engine_url: str) -> list[str]:
+def command(inputs, run_dir: Path, engine_url: str, *overrides: str) -> list[str]:
     return train_command(
         inputs,
         run_dir,
+        *overrides,
         f"rollout.server_urls=[{engine_url}]",
         "train.deterministic=true",
         "optimizer.distributed=true",  # megatron's DistributedOptimizer state, saved and resumed on CPU
@@ -83,19 +84,25 @@ def logged_step(run_dir: Path, step: int) -> bool:
     return path.exists() and f'"step": {step},' in path.read_text()
 
 
+# Overlapped (asynchronous DAPO): the next step's batch, collected while a step trains, is in its checkpoint.
+@pytest.mark.parametrize(
+    "mode", [(), ("rollout.max_staleness=1", "rollout.partial=true")], ids=["sync", "async"]
+)
 def test_stopped_and_killed_runs_resume_to_the_metrics_of_an_uninterrupted_run(
-    demo_inputs, engine_url, tmp_path
+    demo_inputs, engine_url, tmp_path, mode
 ):
     reference = tmp_path / "reference"
-    code, output = run(command(demo_inputs, reference, engine_url), tmp_path / "reference.log")
+    code, output = run(command(demo_inputs, reference, engine_url, *mode), tmp_path / "reference.log")
     assert code == 0, output[-4000:]
     expected = without_timings(reference)
     assert sorted(expected) == list(range(STEPS + 1))
     carrying = [s for s in range(1, STEPS) if expected[s]["sampling/groups_carried_out"] > 0]
     assert carrying, "no step carries groups over: the test would not cover resuming them"
+    if mode:
+        assert all(expected[s]["rollout/staleness_max"] == 1 for s in range(2, STEPS + 1))
 
     interrupted = tmp_path / "interrupted"
-    cmd = command(demo_inputs, interrupted, engine_url)
+    cmd = command(demo_inputs, interrupted, engine_url, *mode)
     # 1. SIGUSR1 during the first step that carries groups over: its checkpoint holds them.
     log = tmp_path / "stopped.log"
     with log.open("w") as output:
