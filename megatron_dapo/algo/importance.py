@@ -15,9 +15,8 @@ and used in one of two modes:
     mask:       w = 1 inside [lower, cap], else 0 rejection: a token (token level) or a whole sample
                                                   (sequence, geometric) leaves the loss and its denominator
 
-References: F. Yao, L. Liu, D. Zhang, C. Dong, J. Shang, J. Gao, "Your Efficient RL Framework Secretly
-Brings You Off-Policy RL Training", 2025 (https://fengyao.notion.site/off-policy-rl): token-level truncated
-IS. J. Liu, Y. Li, Y. Fu, J. Wang, Q. Liu, Y. Shen, "When Speed Kills Stability: Demystifying RL Collapse
+References: F. Yao, L. Liu et al., "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+Training", 2025 (https://fengyao.notion.site/off-policy-rl): token-level truncated IS. J. Liu, Y. Li, Y. Fu, J. Wang, Q. Liu, Y. Shen, "When Speed Kills Stability: Demystifying RL Collapse
 from the Training-Inference Mismatch", 2025 (https://richardli.xyz/rl-collapse): sequence-level IS, masked
 (rejection) variants at token, sequence and geometric level, lower bound 1 / cap by default, and the
 geometric level used for rejection only. verl's "rollout correction" follows the same paper.
