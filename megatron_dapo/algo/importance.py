@@ -16,8 +16,9 @@ and used in one of two modes:
                                                   (sequence, geometric) leaves the loss and its denominator
 
 References: F. Yao, L. Liu et al., "Your Efficient RL Framework Secretly Brings You Off-Policy RL
-Training", 2025 (https://fengyao.notion.site/off-policy-rl): token-level truncated IS. J. Liu, Y. Li, Y. Fu, J. Wang, Q. Liu, Y. Shen, "When Speed Kills Stability: Demystifying RL Collapse
-from the Training-Inference Mismatch", 2025 (https://richardli.xyz/rl-collapse): sequence-level IS, masked
+Training", 2025 (https://fengyao.notion.site/off-policy-rl): token-level truncated IS. J. Liu, Y. Li, Y. Fu,
+J. Wang, Q. Liu, Y. Shen, "When Speed Kills Stability: Demystifying RL Collapse from the Training-Inference
+Mismatch", 2025 (https://richardli.xyz/rl-collapse): sequence-level IS, masked
 (rejection) variants at token, sequence and geometric level, lower bound 1 / cap by default, and the
 geometric level used for rejection only. verl's "rollout correction" follows the same paper.
 """
