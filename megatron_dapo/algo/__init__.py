@@ -1,7 +1,14 @@
 """The DAPO algorithm as pure PyTorch functions: advantages, policy loss, overlong shaping, dynamic sampling,
-metrics. No process groups here: callers pass global counts in."""
+importance correction, metrics. No process groups here: callers pass global counts in."""
 
 from megatron_dapo.algo.advantage import group_advantages
+from megatron_dapo.algo.importance import (
+    IMPORTANCE_LEVELS,
+    IMPORTANCE_MODES,
+    ImportanceCorrection,
+    importance_metric_sums,
+    importance_weights,
+)
 from megatron_dapo.algo.loss import (
     LOSS_AGGREGATIONS,
     LossAggregation,
@@ -10,7 +17,6 @@ from megatron_dapo.algo.loss import (
     local_denominator,
     policy_loss,
     token_sample_index,
-    truncated_importance_weights,
 )
 from megatron_dapo.algo.metrics import (
     finalize_metrics,
@@ -25,10 +31,13 @@ from megatron_dapo.algo.sampling import DynamicSampler, DynamicSamplingError, is
 from megatron_dapo.algo.saturation import Outcome, SaturationPolicy, SkipSettings, group_outcome
 
 __all__ = [
+    "IMPORTANCE_LEVELS",
+    "IMPORTANCE_MODES",
     "LOSS_AGGREGATIONS",
     "RATIO_BAND",
     "DynamicSampler",
     "DynamicSamplingError",
+    "ImportanceCorrection",
     "LossAggregation",
     "Outcome",
     "PolicyLossOutput",
@@ -39,6 +48,8 @@ __all__ = [
     "group_advantages",
     "group_metric_sums",
     "group_outcome",
+    "importance_metric_sums",
+    "importance_weights",
     "is_informative",
     "local_denominator",
     "merge_metric_sums",
@@ -50,5 +61,4 @@ __all__ = [
     "rollout_metric_sums",
     "token_metric_sums",
     "token_sample_index",
-    "truncated_importance_weights",
 ]

@@ -38,15 +38,6 @@ class PolicyLossOutput:
     dual_clipped: Tensor  # bool: A < 0 and ratio > dual_clip, so the token gets no gradient
 
 
-def truncated_importance_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, cap: float) -> Tensor:
-    """min(pi_old / pi_rollout, cap), detached: corrects for the inference engine sampling from a slightly
-    different distribution than the trainer computes (truncated importance sampling). [T] -> [T]."""
-    if cap <= 0:
-        raise ValueError(f"importance_cap must be > 0, got {cap}")
-    log_w = (old_logprobs - rollout_logprobs).detach()
-    return torch.exp(log_w.clamp(max=_MAX_LOG_RATIO)).clamp(max=cap)
-
-
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -55,8 +46,7 @@ def policy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     dual_clip: float | None = None,
-    rollout_logprobs: Tensor | None = None,
-    importance_cap: float | None = None,
+    importance_weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) per token, r = exp(logprobs - old_logprobs).
 
@@ -64,8 +54,8 @@ def policy_loss(
     old_logprobs: [T] under the policy that generated the batch, as recomputed by the trainer (no gradient).
     advantages: [T], the sample's advantage repeated on each of its tokens.
     dual_clip: c > 1 bounds the loss of negative-advantage tokens at -c A (Ye et al., 2020); None disables it.
-    rollout_logprobs, importance_cap: both or neither; multiply each token's loss by
-        `truncated_importance_weights(old_logprobs, rollout_logprobs, importance_cap)`.
+    importance_weights: [T], multiplies each token's loss: the correction for the engine sampling from
+        other numerics or older weights than pi_old (algo/importance.py); None: none.
     """
     if not (logprobs.shape == old_logprobs.shape == advantages.shape) or logprobs.dim() != 1:
         raise ValueError(
@@ -78,10 +68,6 @@ def policy_loss(
         )
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
-    if (rollout_logprobs is None) != (importance_cap is None):
-        raise ValueError(
-            "pass rollout_logprobs and importance_cap together (or neither) for importance weights"
-        )
 
     old_logprobs = old_logprobs.detach()
     advantages = advantages.detach()
@@ -99,12 +85,11 @@ def policy_loss(
         dual_clipped = negative & (r > dual_clip)
         loss = torch.where(dual_clipped, -dual_clip * advantages, loss)
 
-    if rollout_logprobs is not None:
-        if rollout_logprobs.shape != logprobs.shape:
-            raise ValueError(
-                f"rollout_logprobs shape {tuple(rollout_logprobs.shape)} != logprobs {tuple(logprobs.shape)}"
-            )
-        loss = loss * truncated_importance_weights(old_logprobs, rollout_logprobs, importance_cap)
+    if importance_weights is not None:
+        if importance_weights.shape != logprobs.shape:
+            shapes = f"{tuple(importance_weights.shape)} != logprobs {tuple(logprobs.shape)}"
+            raise ValueError(f"importance_weights shape {shapes}")
+        loss = loss * importance_weights.detach()
     return PolicyLossOutput(loss, r, clipped_upper, clipped_lower, dual_clipped)
 
 

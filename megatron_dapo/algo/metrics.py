@@ -110,6 +110,8 @@ _RATIOS = {
     "mismatch_kl": ("mismatch_k3_sum", "mismatch_tokens"),
     "mismatch_logprob_diff_mean": ("mismatch_abs_diff_sum", "mismatch_tokens"),
     "mismatch_ratio_outside_share": ("mismatch_outside_tokens", "mismatch_tokens"),
+    "is_weight_mean": ("is_weight_sum", "is_tokens"),
+    "is_masked_share": ("is_masked_tokens", "is_tokens"),
 }
 # maxima logged as they are: (key, the count that must be positive)
 _MAXIMA = {

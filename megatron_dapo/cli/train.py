@@ -15,7 +15,8 @@ Where this departs from the paper and its verl reference implementation:
 - The token-level mean divides by the valid tokens of the whole mini-batch, over every micro-batch and data-
   parallel rank (Megatron's per-token loss mode); the public verl recipe divided per micro-batch.
 - pi_old is recomputed by the trainer before the step's first update; the engine's own log-probs serve only
-  the optional truncated importance weight (algorithm.rollout_is_cap, off by default as in the paper).
+  the optional importance correction (algorithm.rollout_is_*: truncated or masked, per token or per sample;
+  off by default as in the paper).
 - Warm-up: rollout step k of the warm-up trains at lr * k / warmup_steps, so the first step already updates.
 - Mini-batches are consecutive whole groups of the step's batch (groups arrive in shuffled prompt order).
 - Advantages use the unbiased group standard deviation + 1e-6 (as verl); a group whose rewards are all equal

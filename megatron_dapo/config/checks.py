@@ -54,6 +54,7 @@ RANGES: dict[str, Interval] = {
     "algorithm.overlong_buffer_tokens": Interval(0),
     "algorithm.max_sampling_rounds": _AT_LEAST_1,
     "algorithm.rollout_is_cap": Interval(1, note="; null disables it"),
+    "algorithm.rollout_is_lower": Interval(0, 1, "()", note="; null: 1 / rollout_is_cap"),
     "algorithm.skip_p_all_correct": Interval(0, 1, "[]"),
     "algorithm.skip_p_all_wrong": Interval(0, 1, "[]"),
     "algorithm.skip_expiry_epochs": Interval(0, note=" (0: never)"),
@@ -129,6 +130,7 @@ def validate(cfg: DapoConfig) -> None:
         f"must be in (0, rollout.max_response_tokens={r.max_response_tokens}) when overlong_penalty is on",
     )
     _require(r.top_k != 0, "rollout.top_k", "must be -1 (off) or >= 1")
+    _check_importance(cfg)
     samples_per_step = t.prompts_per_step * a.samples_per_prompt
     _require(
         samples_per_step % t.samples_per_minibatch == 0,
@@ -153,6 +155,42 @@ def validate(cfg: DapoConfig) -> None:
         not p.sequence_parallel or p.tensor > 1,
         "parallel.sequence_parallel",
         "needs parallel.tensor > 1 (it shards activations over the TP group)",
+    )
+
+
+def _check_importance(cfg: DapoConfig) -> None:
+    """The importance correction's settings only make sense together (algo/importance.py)."""
+    a = cfg.algorithm
+    if a.rollout_is_cap is None:
+        for key, value, default in (
+            ("rollout_is_level", a.rollout_is_level, "token"),
+            ("rollout_is_mode", a.rollout_is_mode, "truncate"),
+            ("rollout_is_lower", a.rollout_is_lower, None),
+        ):
+            _require(
+                value == default,
+                f"algorithm.{key}",
+                f"{value} needs algorithm.rollout_is_cap (the upper threshold, e.g. 2): set the cap, or "
+                f"leave {key} at {'null' if default is None else default}",
+            )
+        return
+    _require(
+        a.rollout_is_lower is None or a.rollout_is_mode == "mask",
+        "algorithm.rollout_is_lower",
+        "applies to algorithm.rollout_is_mode=mask only: set the mode to mask, or drop the lower threshold",
+    )
+    _require(
+        a.rollout_is_level != "geometric" or a.rollout_is_mode == "mask",
+        "algorithm.rollout_is_level",
+        "geometric is a rejection criterion (a per-token average, not an importance weight): "
+        "use it with algorithm.rollout_is_mode=mask",
+    )
+    lower = 1 / a.rollout_is_cap if a.rollout_is_lower is None else a.rollout_is_lower
+    _require(
+        a.rollout_is_mode != "mask" or lower < a.rollout_is_cap,
+        "algorithm.rollout_is_lower" if a.rollout_is_lower is not None else "algorithm.rollout_is_cap",
+        f"mask mode keeps ratios in [rollout_is_lower, rollout_is_cap] = [{lower:g}, {a.rollout_is_cap:g}]: "
+        "the lower threshold must be below the cap (with the default lower of 1 / cap: a cap above 1)",
     )
 
 

@@ -25,7 +25,11 @@ class AlgorithmConfig:
     overlong_buffer_tokens: int = 4096  # L_cache: the penalty ramps over the last this-many tokens
     dynamic_sampling: bool = True  # keep only groups with 0 < #correct < G, sample more until full
     max_sampling_rounds: int = 10  # give up (with an error) after this many rounds cannot fill a batch
-    rollout_is_cap: float | None = None  # truncated importance weight π_old/π_rollout, capped; None: off
+    # Importance correction for the engine's sampling policy π_rollout vs π_old (algo/importance.py):
+    rollout_is_cap: float | None = None  # upper threshold on the ratio π_old/π_rollout; None: off
+    rollout_is_level: Literal["token", "sequence", "geometric"] = "token"  # ratio per token, or per sample
+    rollout_is_mode: Literal["truncate", "mask"] = "truncate"  # weight min(ratio, cap), or 0/1 in the band
+    rollout_is_lower: float | None = None  # mask mode's lower threshold; None: 1 / rollout_is_cap
     boxed_fallback: bool = False  # reward: read \boxed{} when no "Answer:" line exists (the paper: no)
     # Skip prompts whose last group was all correct / all wrong when the stream reaches them again (not in
     # the paper; algo/saturation.py, issue 13). Each skip is drawn with the probability below, so a skipped

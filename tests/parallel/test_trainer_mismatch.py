@@ -1,5 +1,7 @@
 """The mismatch metrics cover the whole step, whatever the layout: two data-parallel ranks, or two
-context-parallel ranks sharing each sample, report what one process reports (2 gloo processes)."""
+context-parallel ranks sharing each sample, report what one process reports (2 gloo processes). So does a
+sequence-level importance correction, whose ratio needs all of a sample's tokens: its metrics, loss and
+gradient norm are one process's too."""
 
 import pytest
 
@@ -20,6 +22,12 @@ NAMES = (
     "mismatch_ratio_outside_share",
     "first_update_ratio_max_abs_dev",
 )
+CORRECTED = (
+    "algorithm.rollout_is_cap=2.5",
+    "algorithm.rollout_is_level=sequence",
+    "algorithm.rollout_is_mode=mask",
+)
+CORRECTED_NAMES = ("is_weight_mean", "is_masked_share", "loss", "grad_norm")
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +43,38 @@ def hf_dir(tmp_path_factory):
     )
 
 
-def mismatch_metrics(hf_dir, stale_seed: int, *overrides: str) -> dict[str, float]:
+def step_metrics(hf_dir, stale_seed: int, names: tuple[str, ...], *overrides: str) -> dict[str, float]:
     cfg = policy_config(hf_dir, *overrides)
     pg = init_parallel(parallel_dims(cfg))
     metrics = first_step_metrics(cfg, pg, step_batch(engine_model(stale_seed)))
-    return {name: metrics[name] for name in NAMES}
+    return {name: metrics[name] for name in names}
 
 
 @pytest.fixture(scope="module")
 def one_process(hf_dir):
-    """The metrics of one process holding the whole step, with one tensor of the engine stale."""
+    """The metrics of one process holding the whole step, with one tensor of the engine stale: without
+    and with the sequence-level correction."""
     with DistributedPool(world_size=1) as single:
-        (metrics,) = single.run(mismatch_metrics, hf_dir, STALE_SEED)
-    return metrics
+        (metrics,) = single.run(step_metrics, hf_dir, STALE_SEED, NAMES)
+        (corrected,) = single.run(step_metrics, hf_dir, STALE_SEED, CORRECTED_NAMES, *CORRECTED)
+    return metrics, corrected
 
 
 @pytest.mark.parametrize("layout", [[], ["parallel.context=2"]], ids=["dp2", "cp2"])
 def test_every_layout_reports_the_whole_step(pool, one_process, hf_dir, layout):
-    ranks = pool.run(mismatch_metrics, hf_dir, STALE_SEED, *layout)
+    one_process, _ = one_process
+    ranks = pool.run(step_metrics, hf_dir, STALE_SEED, NAMES, *layout)
     assert ranks[0] == ranks[1]  # every rank logs the same numbers
     # pi_old is recomputed in other micro-batches here, so equal up to fp32 rounding
     assert ranks[0] == pytest.approx(one_process, rel=1e-5, abs=1e-7)
     assert one_process["mismatch_kl"] > 0.01 and 0 < one_process["mismatch_ratio_outside_share"] < 1
     assert ranks[0]["first_update_ratio_max_abs_dev"] == 0.0
+
+
+@pytest.mark.parametrize("layout", [[], ["parallel.context=2"]], ids=["dp2", "cp2"])
+def test_a_sequence_level_correction_is_the_same_in_every_layout(pool, one_process, hf_dir, layout):
+    _, corrected = one_process
+    ranks = pool.run(step_metrics, hf_dir, STALE_SEED, CORRECTED_NAMES, *CORRECTED, *layout)
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == pytest.approx(corrected, rel=1e-5, abs=1e-7)
+    assert 0 < corrected["is_masked_share"] < 1  # some samples rejected, some kept

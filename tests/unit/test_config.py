@@ -93,6 +93,73 @@ def test_bad_values_name_the_key_and_fix(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["algorithm.rollout_is_level=sequence"],
+            "algorithm.rollout_is_level: sequence needs algorithm.rollout_is_cap",
+        ),
+        (
+            ["algorithm.rollout_is_mode=mask"],
+            "algorithm.rollout_is_mode: mask needs algorithm.rollout_is_cap",
+        ),
+        (
+            ["algorithm.rollout_is_lower=0.5"],
+            "algorithm.rollout_is_lower: 0.5 needs algorithm.rollout_is_cap",
+        ),
+        (
+            ["algorithm.rollout_is_cap=2", "algorithm.rollout_is_lower=0.5"],
+            "algorithm.rollout_is_lower: applies to algorithm.rollout_is_mode=mask only",
+        ),
+        (
+            ["algorithm.rollout_is_cap=2", "algorithm.rollout_is_level=geometric"],
+            "algorithm.rollout_is_level: geometric is a rejection criterion",
+        ),
+        (
+            ["algorithm.rollout_is_cap=1", "algorithm.rollout_is_mode=mask"],
+            "algorithm.rollout_is_cap: mask mode keeps ratios in [rollout_is_lower, rollout_is_cap] = [1, 1]",
+        ),
+        (
+            [
+                "algorithm.rollout_is_cap=1.001",
+                "algorithm.rollout_is_mode=mask",
+                "algorithm.rollout_is_lower=0",
+            ],
+            "algorithm.rollout_is_lower: must be in (0, 1)",
+        ),
+        (["algorithm.rollout_is_level=batch"], "algorithm.rollout_is_level: 'batch' is not allowed"),
+    ],
+)
+def test_importance_settings_that_cannot_work_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algorithm.rollout_is_cap=2"],
+        ["algorithm.rollout_is_cap=2", "algorithm.rollout_is_level=sequence"],
+        [
+            "algorithm.rollout_is_cap=3",
+            "algorithm.rollout_is_level=sequence",
+            "algorithm.rollout_is_mode=mask",
+        ],
+        [
+            "algorithm.rollout_is_cap=1.001",
+            "algorithm.rollout_is_level=geometric",
+            "algorithm.rollout_is_mode=mask",
+            "algorithm.rollout_is_lower=0.999",
+        ],
+    ],
+)
+def test_importance_settings_that_work_load(overrides):
+    a = load_config(None, overrides).algorithm
+    assert (a.rollout_is_cap, a.rollout_is_level, a.rollout_is_mode) != (None, "token", "truncate")
+
+
 def test_missing_file_and_non_mapping(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -14,7 +14,6 @@ from megatron_dapo.algo import (
     local_denominator,
     policy_loss,
     token_sample_index,
-    truncated_importance_weights,
 )
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
@@ -50,14 +49,15 @@ def random_tokens(num_tokens: int, seed: int, dtype=torch.float64):
 def test_policy_loss_matches_reference(dual_clip, importance) -> None:
     lp, old, adv, rollout = random_tokens(400, seed=11 + int(importance) + 2 * (dual_clip is None))
     lp.requires_grad_(True)
-    kwargs = dict(rollout_logprobs=rollout, importance_cap=1.5) if importance else {}
+    # any non-negative weights, some 0 (a rejected token), detached from the graph
+    weights = (old - rollout).exp().clamp(max=1.5) * (rollout < old + 0.4) if importance else None
+    kwargs = dict(importance_weights=weights.requires_grad_()) if importance else {}
     out = policy_loss(lp, old, adv, eps_low=EPS_LOW, eps_high=EPS_HIGH, dual_clip=dual_clip, **kwargs)
     out.loss.sum().backward()
-
-    weights = [
-        min(math.exp(o - r), 1.5) if importance else 1.0
-        for o, r in zip(old.tolist(), rollout.tolist(), strict=True)
-    ]
+    if importance:
+        assert weights.grad is None  # the weights are constants of the loss
+    weights = weights.tolist() if importance else [1.0] * len(lp)
+    assert not importance or 0.0 in weights
     ref = [
         reference_token(a, b, c, dual_clip=dual_clip, weight=w)
         for a, b, c, w in zip(lp.tolist(), old.tolist(), adv.tolist(), weights, strict=True)
@@ -80,16 +80,6 @@ def test_policy_loss_float32_close_to_float64() -> None:
     torch.testing.assert_close(single.double(), exact, rtol=1e-5, atol=1e-6)
 
 
-def test_importance_weights_are_truncated_and_detached() -> None:
-    old = torch.tensor([-1.0, -2.0, -0.5, -3.0], requires_grad=True)
-    rollout = torch.tensor([-1.5, -1.0, -0.5, -90.0], requires_grad=True)
-    w = truncated_importance_weights(old, rollout, cap=2.0)
-    torch.testing.assert_close(w, torch.tensor([math.exp(0.5), math.exp(-1.0), 1.0, 2.0]))
-    assert not w.requires_grad
-    with pytest.raises(ValueError, match="importance_cap"):
-        truncated_importance_weights(old, rollout, cap=0.0)
-
-
 def test_extreme_log_ratio_stays_finite() -> None:
     lp = torch.tensor([0.0, -200.0, 0.0, -1.0], requires_grad=True)
     old = torch.tensor([-200.0, 0.0, -200.0, -1.0])
@@ -105,9 +95,7 @@ def test_extreme_log_ratio_stays_finite() -> None:
     [
         (dict(dual_clip=1.0), "dual_clip"),
         (dict(eps_low=1.0), "eps_low"),
-        (dict(importance_cap=2.0), "rollout_logprobs"),
-        (dict(rollout_logprobs=torch.zeros(3)), "importance_cap"),
-        (dict(rollout_logprobs=torch.zeros(2), importance_cap=2.0), "rollout_logprobs shape"),
+        (dict(importance_weights=torch.ones(2)), "importance_weights shape"),
     ],
 )
 def test_policy_loss_bad_arguments(kwargs, message) -> None:

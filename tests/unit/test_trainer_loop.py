@@ -231,17 +231,20 @@ def test_the_policy_role_runs_old_logprobs_and_each_update_as_a_phase(monkeypatc
     role.policy = SimpleNamespace(scheduler=SimpleNamespace(step=lambda n: None), optimizer=optimizer)
     role.policy.ddp = role.policy.distribution = role.pg = None
     role.pad_multiple, role.watch = 1, watch
-    role._objective = lambda batch, microbatches, old: None
+    role._objective = lambda batch, microbatches, old, weights: None
     role._mismatch = lambda batch, old: events.append(("mismatch",)) or {}  # collective: pi_old's phase
+    # collective too, and formed from pi_old before any update
+    role._importance_weights = lambda batch, old: events.append(("importance",)) or ([None] * len(old), {})
     minibatches = [[SimpleNamespace(sample_ids=[m])] for m in range(updates)]
     share = SimpleNamespace(data=None, microbatches=lambda pad: minibatches)
     metrics = role.train(share)
     assert metrics["train"]["updates"] == updates
     old_logprobs = [("forward", minibatch[0]) for minibatch in minibatches]  # every pi_old before any update
-    assert events[: updates + 3] == [
+    assert events[: updates + 4] == [
         ("enter", "old_logprobs", ""),
         *old_logprobs,
         ("mismatch",),
+        ("importance",),
         ("leave", "old_logprobs", ""),
     ]
     for update, minibatch in enumerate(minibatches, 1):

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from megatron_dapo.algo import (
+    ImportanceCorrection,
     aggregate_loss,
+    importance_weights,
     local_denominator,
     merge_metric_sums,
     policy_loss,
@@ -28,7 +30,6 @@ SETTINGS = ObjectiveSettings(
     dual_clip=None,
     aggregation="token",
     overlong_filtering=False,
-    importance_cap=None,
 )
 
 
@@ -69,8 +70,9 @@ def random_step(num_samples: int, seed: int):
     return step, [lp.requires_grad_() for lp in new], old
 
 
-def reference_loss(step, new, old, settings, sample_ids):
-    """algo/loss.py on the samples' responses laid end to end, divided by the global denominator."""
+def reference_loss(step, new, old, settings, sample_ids, correction=None):
+    """algo/loss.py on the samples' responses laid end to end, divided by the global denominator; with a
+    correction, its weights over those samples, a rejected token (weight 0) leaving the mask."""
     lengths = torch.tensor([len(new[i]) for i in sample_ids])
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
     mask = torch.cat(
@@ -79,7 +81,11 @@ def reference_loss(step, new, old, settings, sample_ids):
             for i in sample_ids
         ]
     )
-    weighted = settings.importance_cap is not None
+    weights = None
+    if correction is not None:
+        old_all, rollout_all = (torch.cat([x[i] for i in sample_ids]) for x in (old, step.rollout_logprobs))
+        weights = importance_weights(old_all, rollout_all, cu_seqlens, correction)
+        mask = mask & (weights != 0)
     out = policy_loss(
         torch.cat([new[i] for i in sample_ids]),
         torch.cat([old[i] for i in sample_ids]),
@@ -87,21 +93,31 @@ def reference_loss(step, new, old, settings, sample_ids):
         eps_low=settings.eps_low,
         eps_high=settings.eps_high,
         dual_clip=settings.dual_clip,
-        rollout_logprobs=torch.cat([step.rollout_logprobs[i] for i in sample_ids]) if weighted else None,
-        importance_cap=settings.importance_cap,
+        importance_weights=weights,
     )
     denominator = local_denominator(mask, cu_seqlens, settings.aggregation)
     return aggregate_loss(out.loss, mask, cu_seqlens, settings.aggregation, denominator), out, mask
 
 
-def objective_loss(step, new, old, settings, microbatches, *, cp=1, chunk=None):
+def sample_weights(step, old, correction):
+    """Each sample's weights on their own, by sample id, as the policy role hands them to token_targets."""
+    if correction is None:
+        return None
+    return {
+        i: importance_weights(lp, step.rollout_logprobs[i], torch.tensor([0, len(lp)]), correction)
+        for i, lp in enumerate(old)
+    }
+
+
+def objective_loss(step, new, old, settings, microbatches, *, cp=1, chunk=None, correction=None):
     """sum of micro-batch losses / sum of denominators, as Megatron's per-token mode forms it."""
     old_by_id = dict(enumerate(old))
+    weights = sample_weights(step, old, correction)
     total, denominator = 0.0, 0
     for rank in range(cp):
         group = FakeGroup(rank, cp)
         targets = {
-            mb.sample_ids: token_targets(mb, step, old_by_id, settings, group, torch.device("cpu"))
+            mb.sample_ids: token_targets(mb, step, old_by_id, settings, group, torch.device("cpu"), weights)
             for mb in microbatches
         }
         objective = DapoObjective(targets, settings)
@@ -154,10 +170,48 @@ def test_chunks_and_context_parallel_shares_sum_to_the_whole(aggregation):
 
 def test_dual_clip_and_importance_weights_follow_the_reference():
     step, new, old = random_step(5, seed=3)
-    settings = replace(SETTINGS, dual_clip=3.0, importance_cap=2.0, eps_high=0.05)
-    expected, _, _ = reference_loss(step, new, old, settings, list(range(5)))
-    got = objective_loss(step, new, old, settings, [pack(step.samples, list(range(5)))])
+    settings = replace(SETTINGS, dual_clip=3.0, eps_high=0.05)
+    correction = ImportanceCorrection(cap=1.1)
+    expected, _, _ = reference_loss(step, new, old, settings, list(range(5)), correction)
+    unweighted, _, _ = reference_loss(step, new, old, settings, list(range(5)))
+    got = objective_loss(
+        step, new, old, settings, [pack(step.samples, list(range(5)))], correction=correction
+    )
     torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-6, atol=1e-7)
+    assert abs(float(expected.detach()) - float(unweighted.detach())) > 1e-3  # the weights changed the loss
+
+
+CORRECTIONS = [
+    ImportanceCorrection(cap=1.2, mode="mask"),
+    ImportanceCorrection(cap=1.5, level="sequence"),
+    ImportanceCorrection(cap=2.0, level="sequence", mode="mask"),
+    ImportanceCorrection(cap=1.1, level="geometric", mode="mask"),
+]
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS, ids=lambda c: f"{c.level}-{c.mode}")
+@pytest.mark.parametrize("aggregation", ["token", "sample"])
+def test_importance_correction_survives_packing_chunks_and_context_parallel(correction, aggregation):
+    """Weights of whole samples reach each token of every CP share and chunk; a rejected token or sample
+    leaves the denominator too. Loss and gradient equal the reference on the unpacked samples."""
+    step, new, old = random_step(8, seed=7)
+    settings = replace(SETTINGS, aggregation=aggregation)
+    expected, _, mask = reference_loss(step, new, old, settings, list(range(8)), correction)
+    unweighted, _, _ = reference_loss(step, new, old, settings, list(range(8)))
+    assert abs(float(expected.detach()) - float(unweighted.detach())) > 1e-4  # the correction acts
+    assert correction.mode == "truncate" or 0 < int(mask.sum()) < mask.numel()  # some rejected, some kept
+    expected_grads = torch.autograd.grad(expected, new)
+    microbatches = [
+        pack(step.samples, [0, 3, 5, 7], pad_multiple=4),
+        pack(step.samples, [1, 2, 4, 6], pad_multiple=4),
+    ]
+    for cp, chunk in [(1, None), (2, None), (2, 3)]:
+        got = objective_loss(
+            step, new, old, settings, microbatches, cp=cp, chunk=chunk, correction=correction
+        )
+        torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-6, atol=1e-7)
+        for g, e in zip(torch.autograd.grad(got, new), expected_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
 def test_metrics_are_the_reference_sums():

@@ -34,7 +34,6 @@ class ObjectiveSettings:
     dual_clip: float | None
     aggregation: LossAggregation
     overlong_filtering: bool  # truncated samples contribute no gradient
-    importance_cap: float | None  # truncated importance weight pi_old / pi_rollout; None: off
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,9 @@ class TokenTargets:
 
     old_logprobs: Tensor  # [t] float32: log pi_old, recomputed by the trainer
     advantages: Tensor  # [t] float32
-    rollout_logprobs: Tensor  # [t] float32: the engine's log-probs
-    loss_mask: Tensor  # [t] bool: response tokens that train (truncated samples masked when filtering)
+    importance_weights: Tensor | None  # [t] float32: each token's importance weight; None: no correction
+    loss_mask: Tensor  # [t] bool: response tokens that train (truncated samples masked when filtering,
+    # tokens or samples the importance correction rejects masked too)
     tokens_per_sample: Tensor  # [S] valid tokens of each whole packed sequence (not only this CP share)
     denominator: Tensor  # 0-d int64: this micro-batch's share of the mini-batch denominator
 
@@ -56,8 +56,14 @@ def token_targets(
     settings: ObjectiveSettings,
     cp_group: dist.ProcessGroup,
     device: torch.device,
+    importance_weights: Mapping[int, Tensor] | None = None,
 ) -> TokenTargets:
-    """Per-token targets of one whole (not CP-split) micro-batch, then this rank's CP share of them."""
+    """Per-token targets of one whole (not CP-split) micro-batch, then this rank's CP share of them.
+
+    importance_weights: each sample's per-token weights (algo/importance.py), by sample id, formed from whole
+    samples before the step's first update; a weight of 0 rejects its token, which then leaves the loss
+    mask and so the denominator (a rejected sample counts as not drawn), as in the reference.
+    """
     real = [i for i in batch.sample_ids if i >= 0]  # a filler micro-batch has none
 
     def per_token(values: Sequence[Tensor]) -> Tensor:
@@ -67,6 +73,10 @@ def token_targets(
     loss_mask = batch.loss_mask
     if settings.overlong_filtering and real:
         loss_mask = overlong_filter_mask(loss_mask, cu_seqlens, step.truncated[real])
+    weights = None
+    if importance_weights is not None:
+        weights = per_token(importance_weights[i] for i in real)
+        loss_mask = (loss_mask != 0) & (weights != 0)
     # The denominator is counted once, on the whole micro-batch; Megatron sums it over DP and CP ranks, so
     # only CP rank 0 reports it.
     denominator = local_denominator(loss_mask, cu_seqlens, settings.aggregation)
@@ -82,7 +92,7 @@ def token_targets(
     return TokenTargets(
         old_logprobs=share(per_token(old_logprobs[i].float() for i in real)),
         advantages=share(per_token(step.advantages[i].expand(step.response_tokens(i)) for i in real)),
-        rollout_logprobs=share(per_token(step.rollout_logprobs[i] for i in real)),
+        importance_weights=None if weights is None else share(weights),
         loss_mask=share(loss_mask),
         tokens_per_sample=valid_per_sequence.long().to(device),
         denominator=denominator.to(device),
@@ -102,7 +112,7 @@ class DapoObjective:
 
     def _loss(self, target: TokenTargets, logprobs: Tensor, tokens: slice):
         s = self.settings
-        weighted = s.importance_cap is not None
+        weights = target.importance_weights
         return policy_loss(
             logprobs,
             target.old_logprobs[tokens],
@@ -110,8 +120,7 @@ class DapoObjective:
             eps_low=s.eps_low,
             eps_high=s.eps_high,
             dual_clip=s.dual_clip,
-            rollout_logprobs=target.rollout_logprobs[tokens] if weighted else None,
-            importance_cap=s.importance_cap,
+            importance_weights=None if weights is None else weights[tokens],
         )
 
     def token_loss(self, batch: PackedBatch, logprobs: Tensor, entropy: Tensor, tokens: slice) -> Tensor:

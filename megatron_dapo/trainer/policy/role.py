@@ -14,7 +14,14 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_dapo.algo import finalize_metrics, merge_metric_sums, mismatch_metric_sums
+from megatron_dapo.algo import (
+    ImportanceCorrection,
+    finalize_metrics,
+    importance_metric_sums,
+    importance_weights,
+    merge_metric_sums,
+    mismatch_metric_sums,
+)
 from megatron_dapo.checkpoint.rl_state import RLState, load_rl_state
 from megatron_dapo.config import DapoConfig
 from megatron_dapo.data.packing import PackedBatch, sequence_pad_multiple
@@ -51,6 +58,7 @@ class PolicyRole:
         self.cfg, self.pg, self.watch = cfg, pg, watch
         self.policy = build_policy(cfg, hf_config, pg, weights=weights)
         self.settings = objective_settings(cfg)
+        self.importance = importance_correction(cfg)
         p = cfg.parallel
         self.pad_multiple = sequence_pad_multiple(p.context, p.tensor, p.sequence_parallel)
 
@@ -78,10 +86,13 @@ class PolicyRole:
             old_logprobs = [self._old_logprobs(microbatches) for microbatches in minibatches]
             old_logprobs_s = time.perf_counter() - started
             mismatch = self._mismatch(share.data, old_logprobs)
+            weights, importance = self._importance_weights(share.data, old_logprobs)
         results = []
-        for update, (microbatches, old) in enumerate(zip(minibatches, old_logprobs, strict=True), 1):
+        for update, (microbatches, old, is_weights) in enumerate(
+            zip(minibatches, old_logprobs, weights, strict=True), 1
+        ):
             with self.watch("update", f"{update}/{len(minibatches)}"):
-                objective = self._objective(share.data, microbatches, old)
+                objective = self._objective(share.data, microbatches, old, is_weights)
                 results.append(
                     train_step(
                         self.policy.ddp,
@@ -100,7 +111,7 @@ class PolicyRole:
                 )  # fmt: skip
         lr = self.policy.optimizer.param_groups[0]["lr"]
         timing = {"old_logprobs_s": old_logprobs_s, "train_s": time.perf_counter() - started}
-        train = update_metrics(results, lr=lr) | mismatch
+        train = update_metrics(results, lr=lr) | mismatch | importance
         # The first update's forward runs at pi_old's weights: a ratio off 1 means the two forwards differ.
         train["first_update_ratio_max_abs_dev"] = results[0].metrics["ratio_dev_max"]
         return {"train": train, "timing": timing}
@@ -156,10 +167,7 @@ class PolicyRole:
         empty = torch.zeros(0)
         old = torch.cat([empty, *(minibatch[i] for minibatch in old_logprobs for i in minibatch)])
         sums = mismatch_metric_sums(old, torch.cat([empty, *(data.rollout_logprobs[i] for i in ids)]))
-        device = next(self.policy.ddp.parameters()).device  # NCCL reduces device tensors only
-        sums = {key: value.to(device) for key, value in sums.items()}
-        all_reduce_sums(sums, self.pg.dp)
-        metrics = finalize_metrics(sums)
+        metrics = self._reduce_over_dp(sums)
         kl, limit = metrics.get("mismatch_kl", 0.0), self.cfg.train.mismatch_kl_warn
         if dist.get_rank() == 0 and not kl <= limit:  # a NaN warns too
             # The scheduler counts rollout steps, resumed ones included: this is the loop's step number.
@@ -171,12 +179,38 @@ class PolicyRole:
             )  # fmt: skip
         return metrics
 
+    def _importance_weights(
+        self, data: StepBatch, old_logprobs: list[dict[int, torch.Tensor]]
+    ) -> tuple[list[dict[int, torch.Tensor] | None], dict[str, float]]:
+        """Collective when the correction is on: each mini-batch's importance weights by sample id, and
+        train/is_* over the step. Formed once, before the first update, from whole samples (the ratio of a
+        sequence needs all of its tokens, which a CP share does not hold); pi_old is whole on every rank
+        of a DP group, so reducing over DP alone counts each token once."""
+        if self.importance is None:
+            return [None] * len(old_logprobs), {}
+        weights = [
+            weights_by_sample(minibatch, data.rollout_logprobs, self.importance) for minibatch in old_logprobs
+        ]
+        every = [w for minibatch in weights for w in minibatch.values()]
+        return weights, self._reduce_over_dp(importance_metric_sums(torch.cat([torch.zeros(0), *every])))
+
+    def _reduce_over_dp(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Collective: metric sums over the DP group, finalised (every rank must pass the same keys)."""
+        device = next(self.policy.ddp.parameters()).device  # NCCL reduces device tensors only
+        sums = {key: value.to(device) for key, value in sums.items()}
+        all_reduce_sums(sums, self.pg.dp)
+        return finalize_metrics(sums)
+
     def _objective(
-        self, batch: StepBatch, microbatches: list[PackedBatch], old_logprobs: dict[int, torch.Tensor]
+        self,
+        batch: StepBatch,
+        microbatches: list[PackedBatch],
+        old_logprobs: dict[int, torch.Tensor],
+        weights: dict[int, torch.Tensor] | None,
     ) -> DapoObjective:
         device = next(self.policy.ddp.parameters()).device
         targets = {
-            mb.sample_ids: token_targets(mb, batch, old_logprobs, self.settings, self.pg.cp, device)
+            mb.sample_ids: token_targets(mb, batch, old_logprobs, self.settings, self.pg.cp, device, weights)
             for mb in microbatches
         }
         return DapoObjective(targets, self.settings)
@@ -190,8 +224,32 @@ def objective_settings(cfg: DapoConfig) -> ObjectiveSettings:
         dual_clip=a.dual_clip,
         aggregation=a.loss_aggregation,
         overlong_filtering=a.overlong_filtering,
-        importance_cap=a.rollout_is_cap,
     )
+
+
+def importance_correction(cfg: DapoConfig) -> ImportanceCorrection | None:
+    a = cfg.algorithm
+    if a.rollout_is_cap is None:
+        return None
+    return ImportanceCorrection(
+        cap=a.rollout_is_cap, level=a.rollout_is_level, mode=a.rollout_is_mode, lower=a.rollout_is_lower
+    )
+
+
+def weights_by_sample(
+    old_logprobs: dict[int, torch.Tensor],
+    rollout_logprobs: list[torch.Tensor],
+    correction: ImportanceCorrection,
+) -> dict[int, torch.Tensor]:
+    """Per-token importance weights of whole samples, by sample id (their responses laid end to end)."""
+    ids = list(old_logprobs)
+    lengths = torch.tensor([old_logprobs[i].numel() for i in ids], dtype=torch.long)
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+    empty = torch.zeros(0)
+    old = torch.cat([empty, *(old_logprobs[i].float() for i in ids)])
+    rollout = torch.cat([empty, *(rollout_logprobs[i].float() for i in ids)])
+    weights = importance_weights(old, rollout, cu_seqlens, correction)
+    return dict(zip(ids, weights.split(lengths.tolist()), strict=True))
 
 
 def update_metrics(results: list[StepResult], *, lr: float) -> dict[str, float]:
