@@ -148,8 +148,8 @@ def validate(cfg: DapoConfig) -> None:
     _require(
         r.max_staleness == 0 or r.backend == "cpu" or not r.colocate,
         "rollout.max_staleness",
-        "generates while the policy trains, so the servers need GPUs of their own: set rollout.colocate=false "
-        "(launch/*.sh: ROLLOUT_PLACEMENT=dedicated), or max_staleness=0",
+        "generates while the policy trains, so the servers need GPUs of their own: set "
+        "rollout.colocate=false (launch/*.sh: ROLLOUT_PLACEMENT=dedicated), or max_staleness=0",
     )
     _require(
         not p.sequence_parallel or p.tensor > 1,

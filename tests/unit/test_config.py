@@ -324,3 +324,12 @@ def test_scientific_notation_without_a_dot_is_a_number():
         load_config(None, ["optimizer.lr=1e-"])
     with pytest.raises(ConfigError, match=re.escape("train.steps: expected an integer")):
         load_config(None, ["train.steps=1e3"])  # an integer field stays strict
+
+
+def test_overlapped_generation_needs_servers_on_their_own_gpus():
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness: .*rollout.colocate=false"):
+        from_dict({"rollout": {"max_staleness": 1, "colocate": True, "backend": "sglang"}})
+    from_dict({"rollout": {"max_staleness": 1, "colocate": False, "backend": "sglang"}})
+    from_dict({"rollout": {"max_staleness": 2, "backend": "cpu"}})  # the CPU engine: no GPUs
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness: must be in \[0, 16\]"):
+        from_dict({"rollout": {"max_staleness": 17, "colocate": False}})
