@@ -51,6 +51,14 @@ class RolloutEngine(Protocol):
         """End every generate() call in flight on every server."""
         ...
 
+    async def pause_generation(self, mode: str = "abort") -> None:
+        """Stop generating on every server: "abort" ends requests, "retract" and "in_place" hold them."""
+        ...
+
+    async def continue_generation(self) -> None:
+        """Generate again on every server; held requests go on under the weights loaded meanwhile."""
+        ...
+
     async def update_weights_from_tensor(
         self,
         serialized_named_tensors: Sequence[str],

@@ -278,6 +278,13 @@ class SGLangClient:
             await asyncio.wait(tasks, timeout=ABORT_RESEND_S)
         await asyncio.gather(*(self.abort(request_id) for request_id in request_ids))
 
+    async def pause_generation(self, mode: str = "abort") -> None:
+        """Pause every server (mode: protocol.PAUSE_MODES); returns once each has paused."""
+        await self._on_servers(None, protocol.PAUSE_GENERATION, protocol.pause_generation_body(mode))
+
+    async def continue_generation(self) -> None:
+        await self._on_servers(None, protocol.CONTINUE_GENERATION, {})
+
     # ------------------------------------------------------------ weights and memory
 
     async def update_weights_from_tensor(

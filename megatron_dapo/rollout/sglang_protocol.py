@@ -28,6 +28,8 @@ RESUME_MEMORY_OCCUPATION = "/resume_memory_occupation"
 GET_MODEL_INFO = "/get_model_info"
 MODEL_INFO = "/model_info"  # newer SGLang's name for /get_model_info
 GET_WEIGHT_VERSION = "/get_weight_version"
+PAUSE_GENERATION = "/pause_generation"
+CONTINUE_GENERATION = "/continue_generation"
 
 # Field names of SGLang's request structs. Every struct derived from BaseReq also carries BASE_REQ_FIELDS.
 BASE_REQ_FIELDS = frozenset({"rid", "http_worker_ipc"})
@@ -73,12 +75,18 @@ UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS = BASE_REQ_FIELDS | {
 }  # fmt: skip
 MEMORY_OCCUPATION_FIELDS = BASE_REQ_FIELDS | {"tags"}  # Release- and ResumeMemoryOccupationReqInput
 ABORT_REQ_FIELDS = BASE_REQ_FIELDS | {"abort_all", "finished_reason", "abort_message", "weight_versions"}
+PAUSE_GENERATION_FIELDS = BASE_REQ_FIELDS | {"mode"}
+CONTINUE_GENERATION_FIELDS = BASE_REQ_FIELDS | {"torch_empty_cache"}
+# PauseGenerationReqInput.mode (default "abort"). Every mode holds new requests until /continue_generation.
+PAUSE_MODES = ("abort", "retract", "in_place")
 
 # Response fields: /generate (tokenizer_manager.py `_handle_batch_output`), /get_model_info, weight updates.
+# weight_versions (newer SGLang, utils/weight_versions.py): [{"version", "start", "end"}] over the output
+# tokens, one span per version that generated some of them; weight_version is then the last span's.
 GENERATE_RESPONSE_FIELDS = frozenset({"text", "output_ids", "meta_info"})
 GENERATE_META_INFO_FIELDS = frozenset(
-    {"id", "finish_reason", "prompt_tokens", "weight_version", "total_retractions", "completion_tokens",
-     "cached_tokens", "e2e_latency"}
+    {"id", "finish_reason", "prompt_tokens", "weight_version", "weight_versions", "total_retractions",
+     "completion_tokens", "cached_tokens", "e2e_latency"}
 )  # fmt: skip
 LOGPROB_META_INFO_FIELDS = frozenset({"input_token_logprobs", "output_token_logprobs"})
 MODEL_INFO_FIELDS = frozenset(
@@ -172,6 +180,14 @@ def abort_body(rid: str) -> dict:
 
 def abort_all_body() -> dict:
     return {"abort_all": True}
+
+
+def pause_generation_body(mode: str) -> dict:
+    """abort: end every request (partial outputs return); retract: requeue the running ones, their KV
+    recomputed at continue; in_place: freeze them with their KV. Weight updates then run at once."""
+    if mode not in PAUSE_MODES:
+        raise ProtocolError("mode", f"{mode!r} is not a pause mode; use one of {PAUSE_MODES}")
+    return {"mode": mode}
 
 
 def update_weights_from_tensor_body(
@@ -278,7 +294,9 @@ def parse_generate_response(body: Any) -> Completion:
     if not triples and output_ids:
         raise ProtocolError("meta_info.output_token_logprobs", "missing although tokens were generated")
     extras = {
-        key: meta[key] for key in ("id", "prompt_tokens", "cached_tokens", "e2e_latency") if key in meta
+        key: meta[key]
+        for key in ("id", "prompt_tokens", "cached_tokens", "e2e_latency", "total_retractions")
+        if key in meta
     }
     if "text" in body:
         extras["text"] = body["text"]
@@ -287,8 +305,27 @@ def parse_generate_response(body: Any) -> Completion:
         logprobs=logprobs,
         finish_reason=finish_reason,
         weight_version=parse_weight_version(meta.get("weight_version")),
+        token_weight_versions=parse_weight_version_spans(meta.get("weight_versions"), len(token_ids)),
         meta=extras,
     )
+
+
+def parse_weight_version_spans(spans: Any, num_tokens: int) -> list[int]:
+    """The version of each output token from meta_info.weight_versions (spans in token order, `end`
+    exclusive); [] from a server that reports none."""
+    if spans is None:
+        return []
+    versions: list[int] = []
+    try:
+        for span in spans:
+            if span["start"] != len(versions) or span["end"] < span["start"]:
+                raise ProtocolError("meta_info.weight_versions", f"span {span} does not follow the last one")
+            versions += [parse_weight_version(span["version"])] * (span["end"] - span["start"])
+    except (KeyError, TypeError) as error:
+        raise ProtocolError("meta_info.weight_versions", f"not a list of spans: {spans!r}") from error
+    if len(versions) != num_tokens:
+        raise ProtocolError("meta_info.weight_versions", f"cover {len(versions)} of {num_tokens} tokens")
+    return versions
 
 
 def parse_success_response(body: Any, route: str) -> str:

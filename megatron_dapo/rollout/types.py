@@ -32,4 +32,7 @@ class Completion:
     logprobs: list[float]  # the engine's log-prob (nats) of each generated token; len == len(token_ids)
     finish_reason: FinishReason
     weight_version: int = 0  # version of the weights that generated it (bumped by every weight sync)
+    # The version that generated each token (len == len(token_ids)) when the engine reports it per token
+    # (weight updates during a pause split a sample between versions); [] when it reports only one.
+    token_weight_versions: list[int] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # engine-specific extras, never read by the algorithm

@@ -1,5 +1,6 @@
 """Fake SGLang servers on 127.0.0.1 (aiohttp test servers) for the client tests: one that answers /generate
-like SGLang (holding requests or failing on demand), and one that accepts every request and never answers."""
+like SGLang (holding requests or failing on demand) and records the pause/continue bodies it gets, and one
+that accepts every request and never answers."""
 
 import asyncio
 import time
@@ -24,11 +25,14 @@ class FakeServer:
         self.arrivals: list[float] = []
         self.generate_bodies: list[dict] = []
         self.abort_bodies: list[dict] = []
+        self.pause_bodies: list[tuple[str, object]] = []  # (route, JSON body) of pause and continue calls
         self.released = asyncio.Event()
         self._aborted: dict[str, asyncio.Event] = {}
         app = web.Application()
         app.router.add_post(protocol.GENERATE, self._generate)
         app.router.add_post(protocol.ABORT_REQUEST, self._abort)
+        app.router.add_post(protocol.PAUSE_GENERATION, self._pause_or_continue)
+        app.router.add_post(protocol.CONTINUE_GENERATION, self._pause_or_continue)
         self.server = TestServer(app)
 
     async def __aenter__(self) -> "FakeServer":
@@ -77,6 +81,10 @@ class FakeServer:
         else:
             self._aborted.setdefault(body["rid"], asyncio.Event()).set()
         return web.Response()
+
+    async def _pause_or_continue(self, request: web.Request) -> web.Response:
+        self.pause_bodies.append((request.path, await request.json() if request.can_read_body else None))
+        return web.json_response({"message": "ok", "status": "ok"})  # SGLang's answer, message aside
 
 
 class SilentServer:

@@ -3,7 +3,6 @@ client on the machine could: no or a wrong API key, bad values in one request of
 oversized requests, and weight-group joins that would block the model or open a store."""
 
 import asyncio
-import contextlib
 import json
 import random
 import socket
@@ -12,18 +11,15 @@ import time
 
 import aiohttp
 import pytest
-import torch
-from aiohttp.test_utils import TestServer
 
 from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.api_key import API_KEY_ENV, new_api_key
-from megatron_dapo.rollout.cpu_engine.model_runner import ModelRunner
-from megatron_dapo.rollout.cpu_engine.scheduler import Scheduler
-from megatron_dapo.rollout.cpu_engine.server import EngineServer, ServerSettings
+from megatron_dapo.rollout.cpu_engine.server import ServerSettings
 from megatron_dapo.rollout.engine import EngineRequestError
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
 from megatron_dapo.rollout.types import SamplingParams
+from tests.helpers.engine_server import post, serving
 from tests.helpers.tiny_models import TINY_VOCAB_SIZE, save_tiny_qwen2
 
 CONTEXT_TOKENS = 128  # save_tiny_qwen2's max_position_embeddings
@@ -32,34 +28,6 @@ CONTEXT_TOKENS = 128  # save_tiny_qwen2's max_position_embeddings
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_qwen2(tmp_path_factory.mktemp("server_model"))
-
-
-@contextlib.asynccontextmanager
-async def serving(model_dir, settings: ServerSettings | None = None, allow_auto_truncate: bool = False):
-    """The engine on a free loopback port; yields its URL and the EngineServer."""
-    runner = ModelRunner(str(model_dir), torch.float32, context_length=None)
-    scheduler = Scheduler(
-        runner,
-        eos_token_ids=frozenset(),
-        max_running_requests=64,
-        seed=random.randrange(2**31),
-        allow_auto_truncate=allow_auto_truncate,
-    )
-    server = EngineServer(
-        runner, scheduler, None, str(model_dir), None, "default", settings or ServerSettings()
-    )
-    test_server = TestServer(server.app(), host="127.0.0.1")
-    await test_server.start_server()
-    try:
-        yield str(test_server.make_url("")).rstrip("/"), server
-    finally:
-        await test_server.close()
-
-
-async def post(session: aiohttp.ClientSession, url: str, body=None, data: str | None = None, **kwargs):
-    """(status, text) of a POST of `body` as JSON, or of `data` verbatim."""
-    async with session.post(url, json=body if data is None else None, data=data, **kwargs) as response:
-        return response.status, await response.text()
 
 
 def random_prompts(count: int, rng: random.Random) -> list[list[int]]:
@@ -150,10 +118,10 @@ def test_a_failing_prefill_fails_only_its_own_request(model_dir):
             server.runner.flush_prompt_cache()
             prefill = server.runner.prefill
 
-            def faulty_prefill(prompt):
+            def faulty_prefill(prompt, **kwargs):
                 if prompt == poisoned:
                     raise RuntimeError("stand-in fault in this prompt's forward")
-                return prefill(prompt)
+                return prefill(prompt, **kwargs)
 
             server.runner.prefill = faulty_prefill
             together = await asyncio.gather(

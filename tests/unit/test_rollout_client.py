@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from megatron_dapo.rollout import sglang_protocol as protocol
 from megatron_dapo.rollout.engine import EngineRequestError, EngineUnavailableError
 from megatron_dapo.rollout.launcher import free_port
 from megatron_dapo.rollout.sglang_client import SGLangClient
@@ -151,5 +152,28 @@ def test_router_receives_generation_and_workers_receive_aborts():
                 router.released.set()
                 await asyncio.gather(task, abort)
                 assert worker_a.abort_bodies[0] == {"rid": "routed-0;", "abort_all": False}
+
+    asyncio.run(scenario())
+
+
+def test_pause_and_continue_reach_every_server_with_sglang_bodies():
+    """The bodies are pinned: {"mode"} (PauseGenerationReqInput) and {} (ContinueGenerationReqInput, whose
+    torch_empty_cache keeps SGLang's default)."""
+
+    async def scenario():
+        async with (
+            FakeServer() as a,
+            FakeServer() as b,
+            SGLangClient([a.url, b.url], retry=FAST_RETRY) as client,
+        ):
+            for mode in protocol.PAUSE_MODES:
+                await client.pause_generation(mode)
+                await client.continue_generation()
+            with pytest.raises(protocol.ProtocolError, match=r"^mode:"):
+                await client.pause_generation("drain")  # refused before anything is sent
+            expected = []
+            for mode in protocol.PAUSE_MODES:
+                expected += [(protocol.PAUSE_GENERATION, {"mode": mode}), (protocol.CONTINUE_GENERATION, {})]
+            assert a.pause_bodies == expected and b.pause_bodies == expected
 
     asyncio.run(scenario())

@@ -6,6 +6,7 @@ The expected field sets are copied by hand from SGLang's sources (sgl-project/sg
   python/sglang/srt/entrypoints/http_server.py     0025436eab0556737d615b36a4dd3e1e26e82f3d
   python/sglang/srt/managers/tokenizer_manager.py  _handle_batch_output, detokenize_logprob_tokens (2025)
   python/sglang/srt/managers/schedule_batch.py     fd3907ee4618e96b73ee94d9a836db78efb5d046 (FINISH_*)
+  python/sglang/srt/utils/weight_versions.py       19f93835d3f8a0b84485592090245d11de783289 (meta_info spans)
 If SGLang renames a field, update the set here first; the module and these tests then disagree until fixed.
 """
 
@@ -55,12 +56,17 @@ SGLANG_UPDATE_WEIGHTS_FROM_DISTRIBUTED = SGLANG_BASE_REQ | {
 }  # fmt: skip
 SGLANG_MEMORY_OCCUPATION = SGLANG_BASE_REQ | {"tags"}  # Release- and ResumeMemoryOccupationReqInput
 SGLANG_ABORT_REQ = SGLANG_BASE_REQ | {"abort_all", "finished_reason", "abort_message", "weight_versions"}
+SGLANG_PAUSE_GENERATION = SGLANG_BASE_REQ | {"mode"}  # PauseGenerationReqInput
+SGLANG_CONTINUE_GENERATION = SGLANG_BASE_REQ | {"torch_empty_cache"}  # ContinueGenerationReqInput
+SGLANG_PAUSE_MODES = ("abort", "retract", "in_place")  # Literal[...] of PauseGenerationReqInput.mode
 # tokenizer_manager.py _handle_batch_output: the output dict and its meta_info for a generation request.
 SGLANG_GENERATE_OUTPUT = {"text", "output_ids", "meta_info"}
 SGLANG_META_INFO = {
     "id", "finish_reason", "prompt_tokens", "weight_version", "total_retractions", "completion_tokens",
     "cached_tokens", "e2e_latency",
 }  # fmt: skip
+# weight_versions.py add_weight_versions_to_meta_info: present when the scheduler reports version spans.
+SGLANG_WEIGHT_VERSIONS_META_INFO = {"weight_versions"}
 SGLANG_LOGPROB_META_INFO = {"input_token_logprobs", "output_token_logprobs"}  # add_logprob_to_meta_info
 SGLANG_MODEL_INFO = {
     "model_path",
@@ -80,6 +86,7 @@ SGLANG_ROUTES = {
     "RELEASE_MEMORY_OCCUPATION": "/release_memory_occupation",
     "RESUME_MEMORY_OCCUPATION": "/resume_memory_occupation", "GET_MODEL_INFO": "/get_model_info",
     "MODEL_INFO": "/model_info", "GET_WEIGHT_VERSION": "/get_weight_version",
+    "PAUSE_GENERATION": "/pause_generation", "CONTINUE_GENERATION": "/continue_generation",
 }  # fmt: skip
 
 
@@ -94,7 +101,10 @@ def test_schema_field_sets_match_sglang():
     assert protocol.MEMORY_OCCUPATION_FIELDS == SGLANG_MEMORY_OCCUPATION
     assert protocol.ABORT_REQ_FIELDS == SGLANG_ABORT_REQ
     assert protocol.GENERATE_RESPONSE_FIELDS == SGLANG_GENERATE_OUTPUT
-    assert protocol.GENERATE_META_INFO_FIELDS == SGLANG_META_INFO
+    assert protocol.GENERATE_META_INFO_FIELDS == SGLANG_META_INFO | SGLANG_WEIGHT_VERSIONS_META_INFO
+    assert protocol.PAUSE_GENERATION_FIELDS == SGLANG_PAUSE_GENERATION
+    assert protocol.CONTINUE_GENERATION_FIELDS == SGLANG_CONTINUE_GENERATION
+    assert protocol.PAUSE_MODES == SGLANG_PAUSE_MODES
     assert protocol.LOGPROB_META_INFO_FIELDS == SGLANG_LOGPROB_META_INFO
     assert protocol.MODEL_INFO_FIELDS == SGLANG_MODEL_INFO
     for name, route in SGLANG_ROUTES.items():
@@ -134,11 +144,15 @@ def test_client_bodies_use_only_sglang_fields():
     assert set(protocol.memory_occupation_body(["kv_cache"])) <= SGLANG_MEMORY_OCCUPATION
     assert set(protocol.abort_body("r-1")) <= SGLANG_ABORT_REQ
     assert protocol.abort_all_body() == {"abort_all": True}
+    for mode in SGLANG_PAUSE_MODES:
+        assert protocol.pause_generation_body(mode) == {"mode": mode}
 
 
 def test_client_body_errors_name_the_field():
     with pytest.raises(protocol.ProtocolError, match=r"^rid:"):
         protocol.abort_body("")
+    with pytest.raises(protocol.ProtocolError, match=r"^mode:.*'abort', 'retract', 'in_place'"):
+        protocol.pause_generation_body("drain")
     with pytest.raises(protocol.ProtocolError, match=r"^tags:.*gpu"):
         protocol.memory_occupation_body(["gpu"])
     with pytest.raises(protocol.ProtocolError, match=r"^names:"):
@@ -179,6 +193,24 @@ def _sglang_output(output_ids, logprobs, finish, weight_version="default"):
             "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, output_ids, strict=True)],
         },
     }  # fmt: skip
+
+
+def test_weight_version_spans_cover_the_tokens_in_order():
+    def spans(*triples):
+        return [{"version": v, "start": a, "end": b} for v, a, b in triples]
+
+    assert protocol.parse_weight_version_spans(spans(("3", 0, 1), ("5", 1, 4)), 4) == [3, 5, 5, 5]
+    assert protocol.parse_weight_version_spans(spans(("3", 0, 0)), 0) == []  # an abort before any token
+    assert protocol.parse_weight_version_spans(None, 2) == []  # older SGLang: one version per response
+    for bad, tokens in [
+        (spans(("3", 0, 2)), 3),  # too few tokens covered
+        (spans(("3", 0, 1), ("4", 2, 3)), 3),  # a gap
+        (spans(("3", 0, 2), ("4", 1, 3)), 3),  # an overlap
+        ([{"version": "3"}], 1),
+        ("3", 1),
+    ]:
+        with pytest.raises(protocol.ProtocolError, match=r"^meta_info\.weight_versions:"):
+            protocol.parse_weight_version_spans(bad, tokens)
 
 
 def test_parse_generate_response():
@@ -225,13 +257,17 @@ def test_engine_output_round_trips_through_the_client_parser():
         cached_tokens=4,
         weight_version="12",
         e2e_latency=0.25,
+        weight_versions=[{"version": "11", "start": 0, "end": 2}, {"version": "12", "start": 2, "end": 3}],
+        retractions=1,
     )
     assert set(output) == SGLANG_GENERATE_OUTPUT
-    assert set(output["meta_info"]) == SGLANG_META_INFO | SGLANG_LOGPROB_META_INFO
+    meta_info_fields = SGLANG_META_INFO | SGLANG_WEIGHT_VERSIONS_META_INFO | SGLANG_LOGPROB_META_INFO
+    assert set(output["meta_info"]) == meta_info_fields
     assert output["meta_info"]["output_token_logprobs"][1] == [-2.0, 6, None]
     completion = protocol.parse_generate_response(output)
     assert (completion.token_ids, completion.logprobs) == ([5, 6, 7], [-1.0, -2.0, -0.5])
     assert completion.finish_reason is FinishReason.STOP and completion.weight_version == 12
+    assert completion.token_weight_versions == [11, 11, 12] and completion.meta["total_retractions"] == 1
     without_tokenizer = engine_requests.generate_output(
         rid="r", output_ids=[1], logprobs=None, token_texts=None, text=None,
         finish_reason=protocol.finish_length(1), prompt_tokens=1, cached_tokens=0, weight_version="1",
@@ -409,6 +445,15 @@ def test_control_request_parsers():
     assert engine_requests.parse_memory_tags(None) == protocol.MEMORY_TAGS
     assert engine_requests.parse_memory_tags({"tags": ["weights"]}) == ("weights",)
     assert engine_requests.parse_abort_request({"abort_all": True}).abort_all
+    assert engine_requests.parse_pause_generation(None) == "abort"  # SGLang's default mode
+    for mode in SGLANG_PAUSE_MODES:
+        assert engine_requests.parse_pause_generation(protocol.pause_generation_body(mode)) == mode
+    for body, field in [({"mode": "drain"}, "mode"), ({"mode": None}, "mode"), ({"wait": 1}, "wait")]:
+        with pytest.raises(protocol.ProtocolError, match=field):
+            engine_requests.parse_pause_generation(body)
+    engine_requests.parse_continue_generation({"torch_empty_cache": False})
+    with pytest.raises(protocol.ProtocolError, match=r"^continue_generation\.mode:"):
+        engine_requests.parse_continue_generation({"mode": "abort"})
     with pytest.raises(protocol.ProtocolError, match=r"^rid:"):
         engine_requests.parse_abort_request({"rid": ""})
     assert protocol.parse_weight_version("default") == 0

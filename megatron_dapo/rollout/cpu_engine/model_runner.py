@@ -58,9 +58,10 @@ class ModelRunner:
         return len(self._lengths)
 
     @torch.inference_mode()
-    def prefill(self, prompt: tuple[int, ...]) -> tuple[Prefill, bool]:
-        """The prompt's KV and next-token logits, and whether they came from the prompt cache."""
-        if prompt in self._prompt_cache:
+    def prefill(self, prompt: tuple[int, ...], remember: bool = True) -> tuple[Prefill, bool]:
+        """The prompt's KV and next-token logits, and whether they came from the prompt cache; remember=False
+        leaves the cache alone (a retracted sequence's prompt + partial output is not asked for twice)."""
+        if remember and prompt in self._prompt_cache:
             self._prompt_cache.move_to_end(prompt)
             return self._prompt_cache[prompt], True
         cache = DynamicCache()
@@ -70,6 +71,8 @@ class ModelRunner:
         prefill = Prefill(
             kv=[(layer.keys, layer.values) for layer in cache.layers], logits=output.logits[0, -1]
         )
+        if not remember:
+            return prefill, False
         self._prompt_cache[prompt] = prefill
         if len(self._prompt_cache) > PROMPT_CACHE_PROMPTS:
             self._prompt_cache.popitem(last=False)

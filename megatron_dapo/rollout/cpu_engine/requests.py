@@ -9,6 +9,7 @@ from typing import Any
 
 from megatron_dapo.rollout.sglang_protocol import (
     ABORT_REQ_FIELDS,
+    CONTINUE_GENERATION_FIELDS,
     DEFAULT_GROUP_NAME,
     DESTROY_WEIGHTS_UPDATE_GROUP_FIELDS,
     GENERATE_REQ_FIELDS,
@@ -16,6 +17,8 @@ from megatron_dapo.rollout.sglang_protocol import (
     INIT_WEIGHTS_UPDATE_GROUP_FIELDS,
     MEMORY_OCCUPATION_FIELDS,
     MEMORY_TAGS,
+    PAUSE_GENERATION_FIELDS,
+    PAUSE_MODES,
     SAMPLING_PARAMS_FIELDS,
     TOP_K_ALL,
     UPDATE_WEIGHTS_FROM_DISTRIBUTED_FIELDS,
@@ -271,6 +274,21 @@ def parse_abort_request(body: Mapping[str, Any]) -> AbortRequest:
     return AbortRequest(rid=rid, abort_all=abort_all)
 
 
+def parse_pause_generation(body: Mapping[str, Any] | None) -> str:
+    """The pause mode; SGLang's default ("abort") for an empty body."""
+    body = body or {}
+    _reject_unknown(body, PAUSE_GENERATION_FIELDS, "pause_generation")
+    mode = body.get("mode", "abort")
+    if mode not in PAUSE_MODES:
+        raise ProtocolError("mode", f"{mode!r} is not a pause mode; use one of {PAUSE_MODES}")
+    return mode
+
+
+def parse_continue_generation(body: Mapping[str, Any] | None) -> None:
+    """Checks the fields only: torch_empty_cache frees GPU memory, which the CPU engine has none of."""
+    _reject_unknown(body or {}, CONTINUE_GENERATION_FIELDS, "continue_generation")
+
+
 @dataclass(frozen=True)
 class UpdateWeightsFromTensor:
     serialized_named_tensors: list[str]  # one base64 payload per TP rank
@@ -398,18 +416,23 @@ def generate_output(
     cached_tokens: int,
     weight_version: str,
     e2e_latency: float,
+    weight_versions: list[dict] | None = None,
+    retractions: int = 0,
 ) -> dict:
-    """One /generate output as SGLang's tokenizer manager builds it (no "text" when there is no tokenizer)."""
+    """One /generate output as SGLang's tokenizer manager builds it (no "text" when there is no tokenizer;
+    weight_versions, the spans of output tokens per version, as newer SGLang reports them)."""
     meta_info = {
         "id": rid,
         "finish_reason": finish_reason,
         "prompt_tokens": prompt_tokens,
         "weight_version": weight_version,
-        "total_retractions": 0,
+        "total_retractions": retractions,
         "completion_tokens": len(output_ids),
         "cached_tokens": cached_tokens,
         "e2e_latency": e2e_latency,
     }
+    if weight_versions is not None:
+        meta_info["weight_versions"] = weight_versions
     if logprobs is not None:
         texts = token_texts if token_texts is not None else [None] * len(output_ids)
         meta_info["input_token_logprobs"] = []

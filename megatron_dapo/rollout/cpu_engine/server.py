@@ -3,6 +3,8 @@
 Answers as SGLang does: /generate returns one output dict for one prompt and sample, else a list; failures of
 weight updates answer {"success": false, "message"} with status 400; a malformed body answers 400 with
 {"error": {"message"}} naming the field; with an API key, a request without it answers 401 (rollout/api_key).
+/pause_generation and /continue_generation stop and restart the scheduler's loop (see scheduler.py); each
+output reports the weight version of each of its tokens (meta_info.weight_versions).
 
 What it trusts: only clients holding the key (when one is set) on the address it serves on. A weight-update
 group is joined only at that address, as a non-zero rank (the trainer, rank 0, hosts the store), within
@@ -78,6 +80,15 @@ class EngineServer:
         self._joining: set[str] = set()  # groups whose join is under way
         self._loop_task: asyncio.Task | None = None
 
+    @property
+    def weight_version(self) -> str:
+        """The scheduler holds it: each token records the version it was sampled under."""
+        return self.scheduler.weight_version
+
+    @weight_version.setter
+    def weight_version(self, version: str) -> None:
+        self.scheduler.weight_version = version
+
     def app(self) -> web.Application:
         middlewares = [_api_key_middleware(self.settings.api_key)] if self.settings.api_key else []
         app = web.Application(client_max_size=self.settings.max_request_bytes, middlewares=middlewares)
@@ -90,6 +101,8 @@ class EngineServer:
         app.router.add_get(protocol.GET_WEIGHT_VERSION, self.get_weight_version)
         app.router.add_route("*", protocol.FLUSH_CACHE, self.flush_cache)
         app.router.add_post(protocol.ABORT_REQUEST, self.abort_request)
+        app.router.add_post(protocol.PAUSE_GENERATION, self.pause_generation)
+        app.router.add_post(protocol.CONTINUE_GENERATION, self.continue_generation)
         app.router.add_post(protocol.UPDATE_WEIGHTS_FROM_TENSOR, self.update_weights_from_tensor)
         app.router.add_post(protocol.INIT_WEIGHTS_UPDATE_GROUP, self.init_weights_update_group)
         app.router.add_post(protocol.DESTROY_WEIGHTS_UPDATE_GROUP, self.destroy_weights_update_group)
@@ -132,6 +145,7 @@ class EngineServer:
         token_texts = None
         if item.return_text_in_logprobs and self.tokenizer is not None:
             token_texts = [self.tokenizer.decode([token]) for token in sequence.output_ids]
+        spans = sequence.weight_version_spans(self.weight_version)
         return engine_requests.generate_output(
             rid=item.rid,
             output_ids=sequence.output_ids,
@@ -141,8 +155,10 @@ class EngineServer:
             finish_reason=sequence.finish_reason,
             prompt_tokens=len(item.input_ids),
             cached_tokens=sequence.cached_tokens,
-            weight_version=self.weight_version,
+            weight_version=spans[-1]["version"],  # as SGLang: the last token's (else the current one)
             e2e_latency=time.monotonic() - sequence.arrival_time,
+            weight_versions=spans,
+            retractions=sequence.retractions,
         )
 
     def _text(self, sequence: Sequence) -> str | None:
@@ -177,7 +193,7 @@ class EngineServer:
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         # SGLang refuses to flush while requests run; so does the engine, for the same reason.
-        if self.scheduler.active:
+        if not self.scheduler.can_flush:
             return web.Response(status=400, text="Cache not flushed: requests are running.\n")
         self.runner.flush_prompt_cache()
         return web.Response(status=200, text="Cache flushed.\n")
@@ -189,6 +205,22 @@ class EngineServer:
             return _error(400, str(error))
         self.scheduler.abort(None if abort.abort_all else abort.rid)
         return web.Response(status=200)
+
+    async def pause_generation(self, request: web.Request) -> web.Response:
+        try:
+            mode = engine_requests.parse_pause_generation(await _optional_json(request))
+        except protocol.ProtocolError as error:
+            return _error(400, str(error))
+        await self.scheduler.pause(mode)
+        return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+    async def continue_generation(self, request: web.Request) -> web.Response:
+        try:
+            engine_requests.parse_continue_generation(await _optional_json(request))
+        except protocol.ProtocolError as error:
+            return _error(400, str(error))
+        self.scheduler.resume()
+        return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     # ------------------------------------------------------------ weights
 
@@ -428,7 +460,7 @@ async def _in_daemon_thread(function: Callable[[], T], on_abandoned: Callable[[T
 
 
 async def _optional_json(request: web.Request) -> Any:
-    """SGLang's release/resume routes accept GET without a body."""
+    """SGLang's release/resume routes accept GET without a body; continue_generation any empty body."""
     return await _read_json(request) if request.can_read_body else None
 
 
