@@ -10,6 +10,7 @@ unfinished sample with a request of its own whose prompt is the original prompt 
 
 import asyncio
 import copy
+import itertools
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,10 +41,13 @@ class SampleSoFar:
     finish_reason: FinishReason | None = None  # None: still to generate
 
     def extend(self, completion: Completion, version: int) -> None:
+        """Append a launch's tokens, from weight `version` unless the engine says per token (a sample
+        retracted across a weight update spans two versions)."""
         self.token_ids.extend(completion.token_ids)
         self.logprobs.extend(completion.logprobs)
-        if completion.token_ids:
-            self.spans.append((version, len(completion.token_ids)))
+        versions = completion.token_weight_versions or [version] * len(completion.token_ids)
+        for v, run in itertools.groupby(versions):
+            self.spans.append((v, len(list(run))))
         if completion.finish_reason is not FinishReason.ABORT:
             self.finish_reason = completion.finish_reason
 
