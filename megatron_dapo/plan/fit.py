@@ -54,7 +54,6 @@ class Plan:
             "config": self.config.to_dict(),
         }
 
-
     def _time_dict(self) -> dict[str, Any] | None:
         if self.time is None:
             return None
