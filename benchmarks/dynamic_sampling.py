@@ -319,6 +319,21 @@ def print_table(streaming: Totals, regeneration: Totals, args: argparse.Namespac
     )
 
 
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    """The batch and the prompt stream's flags, shared with benchmarks/async_rollout.py."""
+    p.add_argument("--prompts-per-step", type=int, default=512)
+    p.add_argument("--samples-per-prompt", type=int, default=16)
+    p.add_argument("--max-response-tokens", type=int, default=20_480)
+    p.add_argument("--median-tokens", type=float, default=4_000, help="median response length, tokens")
+    p.add_argument("--length-sigma", type=float, default=0.8, help="log-normal spread of response lengths")
+    p.add_argument(
+        "--difficulty-shift", type=float, default=1.0, help="log-length added for a prompt at accuracy 0"
+    )
+    p.add_argument("--accuracy-beta", type=float, nargs=2, default=[0.2, 0.2], metavar=("A", "B"))
+    p.add_argument("--max-rounds", type=int, default=10, help="dynamic sampling: rounds allowed per step")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -329,19 +344,9 @@ def parse_args() -> argparse.Namespace:
         "rises, without and with algorithm.skip_saturated",
     )
     p.add_argument("--steps", type=int, help="rollout steps to fill (default: 8; --mode epochs: 90)")
-    p.add_argument("--prompts-per-step", type=int, default=512)
-    p.add_argument("--samples-per-prompt", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=2048, help="sequences the engine runs at once")
-    p.add_argument("--max-response-tokens", type=int, default=20_480)
-    p.add_argument("--median-tokens", type=float, default=4_000, help="median response length, tokens")
-    p.add_argument("--length-sigma", type=float, default=0.8, help="log-normal spread of response lengths")
-    p.add_argument(
-        "--difficulty-shift", type=float, default=1.0, help="log-length added for a prompt at accuracy 0"
-    )
-    p.add_argument("--accuracy-beta", type=float, nargs=2, default=[0.2, 0.2], metavar=("A", "B"))
+    add_stream_args(p)
     p.add_argument("--regen-factor", type=int, default=3, help="regeneration: prompts generated per batch, x")
-    p.add_argument("--max-rounds", type=int, default=10, help="both: rounds allowed before giving up")
-    p.add_argument("--seed", type=int, default=0)
     defaults = AlgorithmConfig()
     epochs = p.add_argument_group("--mode epochs")
     epochs.add_argument("--num-prompts", type=int, default=17_917, help="prompt set (DAPO-Math-17k's size)")

@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "mfu",
         "decode_tokens_per_s_per_gpu",
         "tail_ms_per_token",
+        "weight_sync_gb_per_s",
         "mean_response_fraction",
         "kept_group_fraction",
     ):
@@ -111,10 +112,12 @@ def _check_cluster(cluster: Cluster) -> None:
 
 
 _FRACTIONS = ("mfu", "mean_response_fraction", "kept_group_fraction")
+_DIVISORS = ("peak_tflops", "weight_sync_gb_per_s")  # rates the plan divides by: 0 has no meaning
 
 
 def _check_assumptions(assume: Assumptions) -> None:
-    """Every number is finite and >= 0 (0 means "derive it" where a field says so), fractions in (0, 1]."""
+    """Every number is finite and >= 0 (0 means "derive it" where a field says so), fractions in (0, 1],
+    the rates the plan divides by > 0."""
     for name in (f.name for f in dataclasses.fields(Assumptions)):
         value = getattr(assume, name)
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -122,6 +125,8 @@ def _check_assumptions(assume: Assumptions) -> None:
         flag = f"--{name.replace('_', '-')}"
         if name in _FRACTIONS and not 0 < value <= 1:
             raise ValueError(f"{flag} must be in (0, 1], got {value}")
+        if name in _DIVISORS and not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
         if not 0 <= value < math.inf:
             raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
 

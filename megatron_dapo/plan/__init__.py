@@ -24,7 +24,9 @@ What the memory figures rest on:
   the transient gradients of activations in backward, which are not modelled.
 - SGLang: bf16 weights split over the server's TP, a bf16 KV cache, `rollout.mem_fraction` of GPU memory
   for both. Colocated, the training state (parameters, gradients, optimizer) stays on the GPU during rollout.
-The time estimate rests on the throughput flags of `Assumptions`; it ignores weight sync and evaluation.
+The time estimate rests on the throughput flags of `Assumptions`; it ignores evaluation, and weight sync
+when colocated. With rollout.max_staleness > 0 on dedicated rollout nodes it adds the asynchronous step, in
+which generation overlaps training (timing.overlapped_step_s).
 
 Modules, in the order a plan is made: shape (the model), assumptions, layout (the GPUs' split and what stops
 it), parameters, memory (training, per pipeline stage), rollout (SGLang), timing, fit (`make_plan`), fixes,
@@ -49,7 +51,7 @@ from megatron_dapo.plan.parameters import count_parameters, layer_parameters, st
 from megatron_dapo.plan.report import format_plan
 from megatron_dapo.plan.rollout import RolloutMemory, rollout_memory
 from megatron_dapo.plan.shape import NAMED_MODELS, ModelShape, load_model_shape
-from megatron_dapo.plan.timing import StepTime, step_time
+from megatron_dapo.plan.timing import StepTime, overlapped_step_s, step_time
 
 __all__ = [
     "CHUNK_TOKENS",
@@ -76,6 +78,7 @@ __all__ = [
     "logprob_bytes",
     "make_layout",
     "make_plan",
+    "overlapped_step_s",
     "padded_vocab_size",
     "rollout_memory",
     "saved_per_token",

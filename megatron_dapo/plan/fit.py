@@ -49,10 +49,15 @@ class Plan:
                 for s in self.stages
             ],
             "rollout": dataclasses.asdict(self.rollout) if self.rollout else None,
-            "time": {**dataclasses.asdict(self.time), "step_s": self.time.step_s} if self.time else None,
+            "time": self._time_dict(),
             "assumptions": dataclasses.asdict(self.assumptions),
             "config": self.config.to_dict(),
         }
+
+    def _time_dict(self) -> dict[str, Any] | None:
+        if self.time is None:
+            return None
+        return {**dataclasses.asdict(self.time), "rollout_s": self.time.rollout_s, "step_s": self.time.step_s}
 
 
 def make_plan(cfg: DapoConfig, shape: ModelShape, cluster: Cluster, assume: Assumptions) -> Plan:

@@ -112,6 +112,12 @@ def layout_warnings(cfg: DapoConfig, cluster: Cluster, layout: Layout, assume: A
         warnings.append("local kernels in 16-bit keep norms and attention in fp32: activations are ~1/3 more")
     if layout.tp > cluster.gpus_per_node:
         warnings.append(f"TP {layout.tp} spans nodes: tensor-parallel all-reduces then cross the network")
+    if cfg.rollout.max_staleness and layout.colocated:
+        warnings.append(
+            f"rollout.max_staleness={cfg.rollout.max_staleness} overlaps generation with training only on "
+            "dedicated rollout GPUs (--rollout-nodes N, rollout.colocate=false): colocated, steps stay "
+            "synchronous"
+        )
     mean_tokens = mean_sequence_tokens(cfg, assume) * cfg.train.samples_per_minibatch
     microbatches = mean_tokens / max(layout.dp, 1) / (cfg.train.tokens_per_microbatch * layout.cp)
     if layout.pp > 1 and microbatches < layout.pp:

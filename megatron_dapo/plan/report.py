@@ -108,15 +108,34 @@ def _time_lines(plan: Plan) -> list[str]:
     t, c = plan.time, plan.cluster
     assert t is not None
     steps = plan.config.train.steps
-    hours = steps * t.step_s / 3600
-    return [
+    gpus = c.nodes * c.gpus_per_node
+    lines = [
         "Time per RL step (estimate; see the assumptions)",
-        f"  rollout   {t.rollout_s:8.0f} s  ({t.generated_tokens / 1e6:.1f} M generated tokens)",
+        f"  rollout   {t.rollout_s:8.0f} s  ({t.generated_tokens / 1e6:.1f} M generated tokens; the longest "
+        f"sample alone {t.tail_s:.0f} s)",
         f"  training  {t.training_s:8.0f} s  ({t.trained_tokens / 1e6:.1f} M tokens, "
         f"{t.train_flops_per_token / 1e9:.0f} GFLOP per token with the old-log-prob forward)",
-        f"  step      {t.step_s:8.0f} s; {steps} steps: {hours:.0f} h, "
-        f"{hours * c.nodes * c.gpus_per_node:,.0f} GPU-hours",
     ]
+    if t.weight_sync_s:
+        lines.append(f"  weights   {t.weight_sync_s:8.0f} s  (bf16, trainer to the dedicated servers)")
+    lines.append(f"  step      {t.step_s:8.0f} s; {_run_length(steps, t.step_s, gpus)}")
+    if t.async_s is not None:
+        eta = plan.config.rollout.max_staleness
+        lines.append(
+            f"  async     {t.async_s:8.0f} s  (rollout.max_staleness={eta}: max(decode {t.decode_s:.0f}, "
+            f"longest sample {t.tail_s:.0f} / {eta + 1}, training {t.training_s:.0f}) + weights "
+            f"{t.weight_sync_s:.0f})"
+        )
+        lines.append(
+            f"            {t.step_s / t.async_s:.2f}x the synchronous step on this split; "
+            f"{_run_length(steps, t.async_s, gpus)}"
+        )
+    return lines
+
+
+def _run_length(steps: int, step_s: float, gpus: int) -> str:
+    hours = steps * step_s / 3600
+    return f"{steps} steps: {hours:.0f} h, {hours * gpus:,.0f} GPU-hours"
 
 
 def _assumption_lines(plan: Plan) -> list[str]:
@@ -129,9 +148,9 @@ def _assumption_lines(plan: Plan) -> list[str]:
         f"  --kernels {a.kernels}; {optimizer}; {grads}; --reserved-gib {a.reserved_gib:g}",
         f"  --peak-tflops {a.peak_tflops:g} at --mfu {a.mfu:g}; FLOPs per token: 6N + 6·layers·heads·d·seq",
         f"  --decode-tokens-per-s-per-gpu {a.decode_rate(plan.parameters):,.0f}{derived}; "
-        f"--tail-ms-per-token {a.tail_ms_per_token:g}",
+        f"--tail-ms-per-token {a.tail_ms_per_token:g}; --weight-sync-gb-per-s {a.weight_sync_gb_per_s:g}",
         f"  --mean-prompt-tokens {a.mean_prompt_tokens}; --mean-response-fraction "
         f"{a.mean_response_fraction:g} (of {cfg.rollout.max_response_tokens:,}); "
         f"--kept-group-fraction {a.kept_group_fraction:g}{unused}",
-        "  not modelled: weight sync, evaluation, SGLang's CUDA graphs",
+        "  not modelled: weight sync when colocated, evaluation, SGLang's CUDA graphs",
     ]

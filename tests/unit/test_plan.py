@@ -198,6 +198,8 @@ def test_table_and_model_from_config(tmp_path, capsys):
         (["--model", "qwen2.5-7b", "--mfu", "1.5"], "--mfu"),
         (["--model", "qwen2.5-7b", "--peak-tflops", "inf"], "--peak-tflops"),
         (["--model", "qwen2.5-7b", "--mean-prompt-tokens", "-3"], "--mean-prompt-tokens"),
+        (["--model", "qwen2.5-7b", "--weight-sync-gb-per-s", "0"], "--weight-sync-gb-per-s"),
+        (["--model", "qwen2.5-7b", "rollout.max_staleness=17"], "rollout.max_staleness"),
     ],
 )
 def test_unreadable_input_exits_2(argv, named, user_error):
@@ -216,3 +218,49 @@ def test_plain_logprob_path_is_planned_against_the_chunked_one(capsys):
                  "model.logprob_chunk_tokens=0"]) in (0, 1)  # fmt: skip
     out = capsys.readouterr().out
     assert "log-probs, plain path" in out and "(chunks of 1024 would be)" in out
+
+
+DEDICATED = Cluster(nodes=16, rollout_nodes=10)
+
+
+@pytest.mark.parametrize("eta", [1, 2])
+@pytest.mark.parametrize(
+    ("changes", "slowest"),
+    [({}, "decode"), ({"mfu": 0.05}, "training"), ({"tail_ms_per_token": 400.0}, "tail")],
+)
+def test_async_step_is_the_slower_side_and_sync_the_sum(eta, changes, slowest):
+    cfg = load_config(PAPER_32B, ["rollout.colocate=false", f"rollout.max_staleness={eta}"])
+    shape = load_model_shape("qwen2.5-32b")
+    assume = dataclasses.replace(Assumptions(), **changes)
+    t = make_plan(cfg, shape, DEDICATED, assume).time
+    # By hand: 512 x 16 samples of 5,120 tokens, half the groups kept, on 10 nodes x 8 GPUs; 20,480 tokens
+    # alone; the bf16 weights over the stated bandwidth.
+    decode = 512 * 16 / 0.5 * 5120 / (assume.decode_rate(count_parameters(shape)) * 80)
+    tail = 20480 * assume.tail_ms_per_token / 1000
+    sync = 2 * count_parameters(shape) / (assume.weight_sync_gb_per_s * 1e9)
+    sides = {"decode": decode, "tail": tail / (eta + 1), "training": t.training_s}
+    assert max(sides, key=sides.get) == slowest  # the case really exercises its branch
+    assert t.decode_s == pytest.approx(decode) and t.weight_sync_s == pytest.approx(sync)
+    assert t.async_s == pytest.approx(sides[slowest] + sync)
+    assert t.step_s == pytest.approx(max(decode, tail) + t.training_s + sync)
+    assert t.async_s < t.step_s
+
+
+def test_async_line_only_with_staleness_on_dedicated_nodes(capsys):
+    args = ["--config", PAPER_32B, "--model", "qwen2.5-32b", "--nodes", "16"]
+    dedicated = [*args, "--rollout-nodes", "10", "rollout.colocate=false"]
+    assert main([*dedicated, "rollout.max_staleness=0"]) == 0
+    out = capsys.readouterr().out
+    assert "weights " in out and "async" not in out
+    assert main([*dedicated, "rollout.max_staleness=1"]) == 0
+    plan = make_plan(
+        load_config(PAPER_32B, ["rollout.colocate=false", "rollout.max_staleness=1"]),
+        load_model_shape("qwen2.5-32b"),
+        DEDICATED,
+        Assumptions(),
+    )
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "async" in line]
+    assert line.split()[:3] == ["async", f"{plan.time.async_s:.0f}", "s"]
+    assert main([*args, "rollout.max_staleness=1"]) == 0
+    out = capsys.readouterr().out
+    assert "async" not in out and "warning: rollout.max_staleness=1 overlaps" in out
