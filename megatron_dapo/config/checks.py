@@ -66,7 +66,6 @@ RANGES: dict[str, Interval] = {
     "rollout.num_servers": _AT_LEAST_1,
     "rollout.server_tp": _AT_LEAST_1,
     "rollout.mem_fraction": Interval(0, 1, "()"),
-    "rollout.max_staleness": Interval(0, 16, "[]", " (0: synchronous)"),
     "rollout.base_port": Interval(0, 65535, "[]", " (0: free ports)"),
     "rollout.max_response_tokens": _AT_LEAST_1,
     "rollout.temperature": Interval(0, ends="()", note=" (training samples from the policy)"),

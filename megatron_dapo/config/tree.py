@@ -87,10 +87,6 @@ class RolloutConfig:
     server_tp: int = 1  # tensor parallel size of each SGLang server
     mem_fraction: float = 0.7  # SGLang --mem-fraction-static
     colocate: bool = True  # servers share GPUs with training (release memory while training)
-    # eta: no token trained at step s comes from weights older than version s-1-eta (version v: the weights
-    # after step v); 0: the synchronous loop. >0 overlaps generation with training (issue 14).
-    max_staleness: int = 0
-    partial: bool = False  # samples still generating when a batch fills are interrupted and continued later
     host: str = "127.0.0.1"
     base_port: int = 30000  # launched servers listen on base_port + i; 0: on free ports
     max_response_tokens: int = 20480  # L_max: generation stops here (the sample is then truncated)
