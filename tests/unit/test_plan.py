@@ -261,6 +261,6 @@ def test_async_line_only_with_staleness_on_dedicated_nodes(capsys):
     )
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "async" in line]
     assert line.split()[:3] == ["async", f"{plan.time.async_s:.0f}", "s"]
-    assert main([*args, "rollout.max_staleness=1"]) == 0
-    out = capsys.readouterr().out
-    assert "async" not in out and "warning: rollout.max_staleness=1 overlaps" in out
+    with pytest.raises(SystemExit) as refused:  # colocated servers cannot generate while training
+        main([*args, "rollout.max_staleness=1"])
+    assert refused.value.code == 2 and "rollout.colocate=false" in capsys.readouterr().err
