@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_dapo.config import DapoConfig, load_config
+from megatron_dapo.config import ConfigError, DapoConfig, load_config
 from megatron_dapo.demo.arithmetic import generate_problems, write_jsonl
 from megatron_dapo.demo.warm_start import WarmStartSettings, held_out_problems, warm_start
 from megatron_dapo.trainer.report import read_metrics, render_report
@@ -60,6 +60,8 @@ def demo_config(out: Path, inputs: dict[str, Path], overrides: Sequence[str] = (
         raise FileNotFoundError(
             f"{DEMO_CONFIG} not found: run the demo from a clone of the repository (pip install -e '.[cpu]')"
         )
+    if any(o.startswith("logging.dir=") for o in overrides):
+        raise ConfigError("logging.dir: the demo writes its run to --out; use --out DIR instead")
     paths = [
         f"model.hf_path={inputs['model']}",
         f"data.train_path={inputs['train']}",

@@ -70,6 +70,34 @@ def test_three_steps_log_metrics_and_save_a_checkpoint_that_converts(demo_inputs
     assert changed, "three steps of training changed no weight"
 
 
+def test_asynchronous_steps_stay_within_the_staleness_bound_and_learn(demo_inputs, tmp_path):
+    """rollout.max_staleness=1 with partial rollouts and the sequence-level mask, through the CPU engine's
+    /pause_generation and /continue_generation: every step within the bound, some off-policy, and learning."""
+    run_dir = tmp_path / "run"
+    command = train_command(
+        demo_inputs,
+        run_dir,
+        "rollout.max_staleness=1",
+        "rollout.partial=true",
+        "algorithm.rollout_is_level=sequence",
+        "algorithm.rollout_is_mode=mask",
+        "algorithm.rollout_is_cap=5.0",
+        "train.steps=6",
+        "checkpoint.save_every_steps=0",
+        "eval.every_steps=6",
+    )
+    code, output = run(command, tmp_path / "train.log")
+    assert code == 0, output[-4000:]
+    steps = read_steps(run_dir)
+    assert sorted(steps) == list(range(7))
+    trained = [steps[s] for s in range(1, 7)]
+    assert all(0 <= m["rollout/staleness_max"] <= 1 for m in trained)
+    assert any(m["rollout/offpolicy_token_share"] > 0 for m in trained), "nothing was generated ahead"
+    assert all(m["train/updates"] == 2 and m["train/updates_skipped"] == 0 for m in trained)
+    assert all("timing/wait_rollout_s" in m for m in trained)
+    assert steps[6]["eval/avg@2"] >= 0  # the run ends with its evaluation
+
+
 def test_bad_rows_stop_the_run_before_anything_starts(demo_inputs, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n{"problem": "", "answer": "0"}\n')

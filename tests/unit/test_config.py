@@ -333,3 +333,10 @@ def test_overlapped_generation_needs_servers_on_their_own_gpus():
     from_dict({"rollout": {"max_staleness": 2, "backend": "cpu"}})  # the CPU engine: no GPUs
     with pytest.raises(ConfigError, match=r"rollout.max_staleness: must be in \[0, 16\]"):
         from_dict({"rollout": {"max_staleness": 17, "colocate": False}})
+
+
+def test_the_demo_refuses_a_run_directory_given_as_an_override(tmp_path):
+    from megatron_dapo.demo.run import demo_config
+
+    with pytest.raises(ConfigError, match="logging.dir: .*--out"):
+        demo_config(tmp_path, {"model": tmp_path, "train": tmp_path, "eval": tmp_path}, ["logging.dir=x"])
