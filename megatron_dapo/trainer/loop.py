@@ -4,40 +4,27 @@ Two roles do the work and this file only calls them: the rollout role (trainer/r
 engine, the prompt stream, dynamic sampling, evaluation) and the policy role (trainer/policy/, every rank:
 the Megatron policy and its updates). Each step's batch goes from the one to the other as tensors, each
 data-parallel rank receiving its own share (trainer/distribute.py); the weights go back through the
-publisher (sync/publisher.py). An overlapped loop is another file of calls on the same roles. Every phase
-of a step (rollout, old log-probs, each update, weight sync, evaluation, save) runs under the stall
-watchdog's deadline (trainer/watchdog.py), so that a hang ends in stacks, a report and a requeue.
+publisher (sync/publisher.py); trainer/setup.py builds them all. Asynchronous DAPO (rollout.max_staleness
+> 0) runs these same calls: the rollout role collects the next step's batch while this one trains, and
+pauses around each weight update (one loop, not a second: the overlap lives where the generation does).
+Every phase of a step (rollout, old log-probs, each update, weight sync, evaluation, save) runs under the
+stall watchdog's deadline (trainer/watchdog.py), so that a hang ends in stacks, a report and a requeue.
 """
 
 import contextlib
 import logging
 import time
 from collections import defaultdict
-from functools import partial
-from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from megatron_dapo.checkpoint.hf_dir import read_config
-from megatron_dapo.config import DapoConfig, validate_launch
-from megatron_dapo.parallel.state import destroy_parallel, init_parallel, launched_world_size
-from megatron_dapo.sync.publisher import WeightPublisher
+from megatron_dapo.config import DapoConfig
 from megatron_dapo.trainer.batch import RankBatch
-from megatron_dapo.trainer.distribute import distribute_batch
-from megatron_dapo.trainer.policy.build import parallel_dims
-from megatron_dapo.trainer.policy.checkpointing import checkpoint_to_resume
-from megatron_dapo.trainer.policy.role import PolicyRole
-from megatron_dapo.trainer.rollout.role import RolloutRole
-from megatron_dapo.trainer.signals import StopRequest
-from megatron_dapo.trainer.tracking import MetricsTracker
-from megatron_dapo.trainer.watchdog import watchdog_for
+from megatron_dapo.trainer.setup import build_run
 
 logger = logging.getLogger("megatron_dapo.train")
 
 Metrics = dict[str, dict[str, float]]  # group ("rollout", "train", ...) -> name -> value
-# Ranks other than 0 wait in a collective while rank 0 generates; a step's rollout can take long.
-COLLECTIVE_TIMEOUT_MINUTES = 180
 
 
 class Trainer:
@@ -120,42 +107,15 @@ class Trainer:
         return every_steps > 0 and (self.step % every_steps == 0 or self.step == self.cfg.train.steps)
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        validate_launch(cfg, world_size=launched_world_size(), cuda=torch.cuda.is_available())
-        self.pg = init_parallel(
-            parallel_dims(cfg), seed=cfg.train.seed, timeout_minutes=COLLECTIVE_TIMEOUT_MINUTES
+        run = build_run(self.cfg, self._closing)
+        self.rollout, self.policy, self.publisher = run.rollout, run.policy, run.publisher
+        self.distribute, self.watchdog, self.tracker, self.stop = (
+            run.distribute,
+            run.watchdog,
+            run.tracker,
+            run.stop,
         )
-        self._closing.callback(destroy_parallel)
-        self.distribute = partial(distribute_batch, pg=self.pg)
-        self.run_dir = Path(cfg.logging.dir)
-        self.checkpoint_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        self.hf_config = read_config(Path(cfg.model.hf_path))
-        # First: a bad row is reported before the model is built or a server started.
-        self.rollout = RolloutRole(cfg) if dist.get_rank() == 0 else None
-        if self.rollout is not None:
-            self._closing.callback(self.rollout.close)
-        # After the data: a run refused for a bad row leaves no directory behind.
-        self.watchdog = watchdog_for(cfg, rank=dist.get_rank(), world_size=dist.get_world_size())
-        self._closing.callback(self.watchdog.close)
-        resume_from = checkpoint_to_resume(self.checkpoint_root, cfg.checkpoint)
-        initial = resume_from or (Path(cfg.model.load) if cfg.model.load else None)
-        self.policy = PolicyRole(cfg, self.hf_config, self.pg, weights=initial, watch=self.watchdog.phase)
-        self.step = 0
-        if resume_from is not None:
-            state = self.policy.resume(resume_from, rank=dist.get_rank())
-            if self.rollout is not None:
-                rollout_state = {"loader": state.loader, "sampler": state.sampler}
-                self.rollout.load_state_dict(rollout_state | state.extra.get("rollout", {}))
-                logger.info("resumed from %s (step %d)", resume_from, state.step)
-            self.step = state.step
-        engine = self.rollout.start_engine(self.run_dir / "logs") if self.rollout is not None else None
-        self.publisher = WeightPublisher(cfg, self.pg, engine, self._closing)
-        first_step = self.step + 1 if resume_from else 0
-        self.tracker = self._closing.enter_context(
-            MetricsTracker.for_run(cfg, is_writer=dist.get_rank() == 0, first_step=first_step)
-        )
-        self.stop = StopRequest()
-        self._closing.callback(self.stop.close)
+        self.hf_config, self.checkpoint_root, self.step = run.hf_config, run.checkpoint_root, run.step
         self.sync_weights()  # the servers may hold other weights (a resumed run, or servers given by URL)
 
     def close(self) -> None:

@@ -338,5 +338,5 @@ def test_overlapped_generation_needs_servers_on_their_own_gpus():
 def test_the_demo_refuses_a_run_directory_given_as_an_override(tmp_path):
     from megatron_dapo.demo.run import demo_config
 
-    with pytest.raises(ConfigError, match="logging.dir: .*--out"):
+    with pytest.raises(ConfigError, match=r"logging\.dir: .*--out"):
         demo_config(tmp_path, {"model": tmp_path, "train": tmp_path, "eval": tmp_path}, ["logging.dir=x"])

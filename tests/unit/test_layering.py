@@ -34,7 +34,7 @@ FORBIDDEN = [
     ("megatron_dapo.trainer.rollout", ("megatron_dapo.trainer.policy", "megatron_dapo.sync")),
 ]
 ROLES = ("megatron_dapo.trainer.policy", "megatron_dapo.trainer.rollout")
-SEE_BOTH = ("megatron_dapo.sync", "megatron_dapo.trainer.loop")
+SEE_BOTH = ("megatron_dapo.sync", "megatron_dapo.trainer.loop", "megatron_dapo.trainer.setup")
 
 
 def _within(module: str, prefix: str) -> bool:
