@@ -97,10 +97,12 @@ class RolloutRole:
         samples with group-normalised advantages, and the rollout metrics. Overlapped, the batch was being
         collected while the previous step trained, and the next one's collection starts before returning."""
         started = time.perf_counter()
-        if self._ahead is not None and self._ahead[0] == step:
+        if self._ahead is None:
+            groups, metrics = self.engine.run(self.collector.collect(step))
+        elif self._ahead[0] == step:
             groups, metrics = self._ahead[1].result()
         else:
-            groups, metrics = self.engine.run(self.collector.collect(step))
+            raise RuntimeError(f"step {step} asked for while step {self._ahead[0]} is being collected")
         self._ahead = None
         waited = time.perf_counter() - started
         if self.overlapped:
