@@ -2,11 +2,13 @@
 overlapping training under a staleness bound, side by side at the same total GPU count.
 
 The prompt stream and response lengths are those of benchmarks/dynamic_sampling.py (512 prompts x 16
-samples per step, lengths <= 20,480); the servers are benchmarks/sim_servers.py's (decode step time
-a + b·n, so the long tail is slow per GPU). Every figure of the hardware comes from the planner
-(megatron_dapo/plan) on examples/dapo_qwen32b.yaml: a = --tail-ms-per-token, b such that a full server
-decodes at --decode-tokens-per-s-per-gpu, a server's capacity is its KV cache at the mean length, training
-costs the planner's GPU-seconds per trained token, weights cost the planner's weight sync.
+samples per step, lengths <= 20,480); the servers are benchmarks/sim_servers.py's, whose decode step
+a + b·n is the planner's (megatron_dapo/plan/decode.py; the long tail is slow per GPU). Every figure of the
+hardware comes from the planner on examples/dapo_qwen32b.yaml: one sequence decodes at
+--tail-ms-per-token, a full server at --decode-tokens-per-s-per-gpu, a server's capacity is its KV cache
+at the mean length, training costs the planner's GPU-seconds per trained token, weights cost the planner's
+weight sync. The planner is told the stream's mean length, length spread and keep rate, and its step
+estimates are printed beside the simulated ones.
 
 - synchronous (today's loop, colocated): all GPUs generate until dynamic sampling fills the batch, abort
   what is in flight, then all GPUs train; surplus finished groups carry over (staleness 1).
@@ -33,12 +35,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from dynamic_sampling import PromptStream, add_stream_args
 from sim_servers import Engine, Flight, Sample, ServerModel
 
 from megatron_dapo.algo import DynamicSampler, is_informative
 from megatron_dapo.config import load_config
-from megatron_dapo.plan import Assumptions, Cluster, load_model_shape, make_plan
+from megatron_dapo.plan import GIB, Assumptions, Cluster, load_model_shape, make_plan, rollout_memory
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dapo_qwen32b.yaml"
 
@@ -73,7 +76,8 @@ class Hardware:
     gpu_s_per_token: float  # training GPU-seconds per trained token (prompt + response)
     weight_sync_s: float
     prompt_tokens: int
-    split_estimates: dict[int, float]  # rollout nodes -> the planner's async step, seconds (η=1)
+    planner_sync_s: float  # the planner's synchronous (colocated) step, seconds
+    split_estimates: dict[int, dict[int, float]]  # η -> rollout nodes -> the planner's async step, seconds
 
     def train_s(self, flights: list[Flight], gpus: int) -> float:
         samples = sum(len(f.samples) for f in flights)
@@ -81,53 +85,75 @@ class Hardware:
         return tokens * self.gpu_s_per_token / gpus
 
 
+def stream_assumptions(args: argparse.Namespace, groups: int = 4000) -> dict[str, float]:
+    """The planner's length and keep-rate assumptions measured on this benchmark's prompt stream (its own
+    seeded draw), so that the planner and the simulation start from the same inputs."""
+    stream = PromptStream(argparse.Namespace(**{**vars(args), "seed": args.seed + 1}))
+    drawn = [stream.next() for _ in range(groups)]
+    lengths = np.concatenate([g.lengths for g in drawn])
+    return {
+        "mean_response_fraction": float(lengths.mean()) / args.max_response_tokens,
+        "response_length_sigma": float(np.log(lengths).std()),
+        "kept_group_fraction": sum(is_informative(g.correct.tolist()) for g in drawn) / groups,
+    }
+
+
 def plan_hardware(args: argparse.Namespace) -> Hardware:
-    """The planner's figures for the example's colocated run, and its async estimate for every split."""
+    """The planner's figures for the example's colocated run, and its async estimate for every split. Its
+    servers are the simulation's: the planner's decode step (plan/decode.py), colocated and dedicated."""
     shape = load_model_shape(args.model)
-    assume = Assumptions(**{k: getattr(args, k) for k in _ASSUMPTIONS})
-    plan = make_plan(load_config(str(args.config)), shape, Cluster(args.nodes, args.gpus_per_node), assume)
+    assume = Assumptions(**{k: getattr(args, k) for k in _ASSUMPTIONS}, **stream_assumptions(args))
+    batch = [
+        f"train.prompts_per_step={args.prompts_per_step}",
+        f"algorithm.samples_per_prompt={args.samples_per_prompt}",
+        f"rollout.max_response_tokens={args.max_response_tokens}",
+    ]
+    plan = make_plan(
+        load_config(str(args.config), batch), shape, Cluster(args.nodes, args.gpus_per_node), assume
+    )
     if not plan.fits or plan.rollout is None or plan.time is None:
         raise SystemExit(f"the planner says {args.config} does not fit {args.nodes} nodes: {plan.problems}")
-    server_tp = plan.config.rollout.server_tp
-    capacity = args.server_concurrency or plan.rollout.mean_length_sequences_per_server
-    # decode step a + b·n: one sequence takes --tail-ms-per-token, a full server decodes at the planner's rate
-    full_step_s = capacity / (assume.decode_rate(plan.parameters) * server_tp)
-    alone_s = assume.tail_ms_per_token / 1000
-    if not capacity > 1 or full_step_s <= alone_s:
+    speed, server_tp = plan.time.server, plan.config.rollout.server_tp
+    if not speed.step_per_sequence_s > 0:
         raise SystemExit(
-            f"--tail-ms-per-token must be below a full server's decode step ({1000 * full_step_s:.1f} ms for "
-            f"{capacity} sequences at --decode-tokens-per-s-per-gpu)"
+            "--tail-ms-per-token must be below a full server's decode step "
+            f"({1000 * speed.step_s(speed.capacity):.1f} ms for {speed.capacity} sequences at "
+            "--decode-tokens-per-s-per-gpu)"
         )
-    per_sequence_s = (full_step_s - alone_s) / (capacity - 1)
     colocated = ServerModel(
-        capacity=capacity,
-        step_base_s=alone_s - per_sequence_s,
-        step_per_sequence_s=per_sequence_s,
+        speed=speed,
         prefill_s_per_token=1 / (args.prefill_tokens_per_s_per_gpu * server_tp),
         prompt_tokens=assume.mean_prompt_tokens,
     )
-    overrides = ["rollout.colocate=false", "rollout.max_staleness=1"]
-    dedicated_cfg = load_config(
-        str(args.config), [*overrides, f"rollout.mem_fraction={args.dedicated_mem_fraction}"]
+    dedicated = [*batch, "rollout.colocate=false", f"rollout.mem_fraction={args.dedicated_mem_fraction}"]
+    # The same servers with more KV cache run more sequences at once, so decode faster: tell the planner.
+    room = rollout_memory(
+        shape, load_config(str(args.config), dedicated), GIB * Cluster().gpu_memory_gib, assume
     )
-    estimates, dedicated_capacity = {}, capacity
-    for nodes in range(1, args.nodes):
-        split = make_plan(
-            dedicated_cfg, shape, Cluster(args.nodes, args.gpus_per_node, rollout_nodes=nodes), assume
-        )
-        if split.fits and split.time is not None and split.time.async_s is not None:
-            estimates[nodes] = split.time.async_s
-        if split.rollout is not None and not args.server_concurrency:
-            dedicated_capacity = split.rollout.mean_length_sequences_per_server
+    faster = speed.tokens_per_s(room.mean_length_sequences_per_server) / server_tp
+    dedicated_assume = dataclasses.replace(assume, decode_tokens_per_s_per_gpu=faster)
+    estimates: dict[int, dict[int, float]] = {}
+    split_time = None
+    for eta in sorted({m.max_staleness for m in MODES.values() if not m.colocated}):
+        eta_cfg = load_config(str(args.config), [*dedicated, f"rollout.max_staleness={eta}"])
+        estimates[eta] = {}
+        for nodes in range(1, args.nodes):
+            cluster = Cluster(args.nodes, args.gpus_per_node, rollout_nodes=nodes)
+            split = make_plan(eta_cfg, shape, cluster, dedicated_assume)
+            if split.fits and split.time is not None and split.time.async_s is not None:
+                estimates[eta][nodes], split_time = split.time.async_s, split.time
+    if split_time is None:
+        raise SystemExit(f"the planner finds no split of {args.nodes} nodes that fits {args.config}")
     return Hardware(
         colocated=colocated,
-        dedicated=dataclasses.replace(colocated, capacity=dedicated_capacity),
+        dedicated=dataclasses.replace(colocated, speed=split_time.server),
         gpus=args.nodes * args.gpus_per_node,
         gpus_per_node=args.gpus_per_node,
         server_tp=server_tp,
         gpu_s_per_token=plan.time.training_s * plan.layout.train_gpus / plan.time.trained_tokens,
-        weight_sync_s=2 * plan.parameters / (assume.weight_sync_gb_per_s * 1e9),
+        weight_sync_s=split_time.weight_sync_s,
         prompt_tokens=assume.mean_prompt_tokens,
+        planner_sync_s=plan.time.step_s,
         split_estimates=estimates,
     )
 
@@ -318,7 +344,8 @@ def run_mode(mode: Mode, hw: Hardware, args: argparse.Namespace) -> tuple[Result
     returns the best with every split's step time (rollout nodes -> seconds)."""
     if mode.colocated:
         return run_sync(mode, hw, args), {}
-    candidates = sorted(hw.split_estimates, key=hw.split_estimates.get)[: args.splits]
+    estimates = hw.split_estimates[mode.max_staleness]
+    candidates = sorted(estimates, key=estimates.get)[: args.splits]
     results = {nodes: AsyncLoop(mode, hw, args, nodes).run() for nodes in sorted(candidates)}
     best = min(results.values(), key=lambda r: r.step_s)
     return best, {nodes: r.step_s for nodes, r in results.items()}
@@ -358,8 +385,9 @@ def print_table(results: list[tuple[Result, dict[int, float]]], hw: Hardware) ->
             print(f"{result.mode.name}: rollout split tried (s per step): {tried}")
     print(
         "planner (η=1) per split: "
-        + ", ".join(f"{n * hw.gpus_per_node}: {s:,.0f} s" for n, s in sorted(hw.split_estimates.items()))
+        + ", ".join(f"{n * hw.gpus_per_node}: {s:,.0f} s" for n, s in sorted(hw.split_estimates[1].items()))
     )
+    print("planner vs simulated, s per step (same inputs): " + "; ".join(_planner_vs_simulated(results, hw)))
     goal = [
         r
         for r, _ in results
@@ -373,6 +401,20 @@ def print_table(results: list[tuple[Result, dict[int, float]]], hw: Hardware) ->
     print(f"goal (>= 2x the synchronous step throughput at η <= 2, non-filtered waste < 5%): {met}")
 
 
+def _planner_vs_simulated(results: list[tuple[Result, dict[int, float]]], hw: Hardware) -> list[str]:
+    """Each mode's simulated step beside the planner's estimate for the same placement and split."""
+    pairs = []
+    for result, _ in results:
+        if result.mode.colocated:
+            planned = hw.planner_sync_s
+        else:
+            planned = hw.split_estimates[result.mode.max_staleness][result.rollout_gpus // hw.gpus_per_node]
+        pairs.append(
+            f"{result.mode.name} {planned:,.0f} vs {result.step_s:,.0f} ({planned / result.step_s - 1:+.0%})"
+        )
+    return pairs
+
+
 def _footnote(hw: Hardware, args: argparse.Namespace, seconds: float) -> str:
     s, d = hw.colocated, hw.dedicated
     return (
@@ -380,8 +422,8 @@ def _footnote(hw: Hardware, args: argparse.Namespace, seconds: float) -> str:
         f"prompts x {args.samples_per_prompt} samples, lengths <= {args.max_response_tokens:,}, accuracy ~ "
         f"Beta{tuple(args.accuracy_beta)}, seed {args.seed}; {hw.gpus} GPUs, SGLang TP {hw.server_tp} "
         f"servers of {s.capacity} sequences colocated, {d.capacity} dedicated (rollout.mem_fraction "
-        f"{args.dedicated_mem_fraction:g}), decode step {1000 * s.step_base_s:.1f} + "
-        f"{1000 * s.step_per_sequence_s:.3f}·n ms for n sequences, prefill "
+        f"{args.dedicated_mem_fraction:g}), decode step {1000 * s.speed.step_base_s:.1f} + "
+        f"{1000 * s.speed.step_per_sequence_s:.3f}·n ms for n sequences, prefill "
         f"{args.prefill_tokens_per_s_per_gpu:,.0f} tok/s per GPU; training {hw.gpu_s_per_token * 1e3:.3f} "
         "GPU-ms per trained token and weight sync "
         f"{hw.weight_sync_s:.1f} s (planner, {args.config.name}); idle: share of the window the trainer "
@@ -411,12 +453,6 @@ def parse_args() -> argparse.Namespace:
     defaults = Assumptions()
     for name in _ASSUMPTIONS:
         hw.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    hw.add_argument(
-        "--server-concurrency",
-        type=int,
-        default=0,
-        help="sequences per server; 0: the planner's at the mean length",
-    )
     hw.add_argument(
         "--dedicated-mem-fraction",
         type=float,

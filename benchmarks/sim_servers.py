@@ -1,12 +1,12 @@
 """Simulated SGLang servers with a long tail, for benchmarks/async_rollout.py.
 
 Each server decodes its running sequences in lockstep: one decode step gives every sequence one token and
-takes `step_base_s + step_per_sequence_s * n` seconds for n sequences, so a server left with a few long
-samples is slow per GPU, and the last sample of a step decodes alone. Admitting a sequence stalls the
-server for the prefill of its prompt and, for a resumed partial sample, of the tokens it already has. A
-weight update pauses every server; running sequences either continue in place under the new weights or,
-with partial rollouts, are interrupted and re-admitted (prefill again) ahead of the queue. Event-driven:
-time jumps from one finishing sample to the next.
+takes the planner's `ServerSpeed.step_s(n)` for n sequences (megatron_dapo/plan/decode.py), so a server
+left with a few long samples is slow per GPU, and the last sample of a step decodes alone. Admitting a
+sequence stalls the server for the prefill of its prompt and, for a resumed partial sample, of the tokens
+it already has. A weight update pauses every server; running sequences either continue in place under the
+new weights or, with partial rollouts, are interrupted and re-admitted (prefill again) ahead of the queue.
+Event-driven: time jumps from one finishing sample to the next.
 """
 
 import heapq
@@ -18,17 +18,21 @@ from dataclasses import dataclass, field
 
 from dynamic_sampling import Group
 
+from megatron_dapo.plan import ServerSpeed
+
 
 @dataclass(frozen=True)
 class ServerModel:
-    capacity: int  # sequences a server runs at once (its KV cache at the mean length)
-    step_base_s: float  # a decode step with one sequence: reading the weights
-    step_per_sequence_s: float  # added per running sequence
+    speed: ServerSpeed  # the planner's decode step time, and the sequences a server runs at once
     prefill_s_per_token: float  # the server stalls this long per prefilled token
     prompt_tokens: int  # prefilled for every admission, with the sample's own tokens if it resumes
 
+    @property
+    def capacity(self) -> int:
+        return self.speed.capacity
+
     def full_tokens_per_s(self) -> float:
-        return self.capacity / (self.step_base_s + self.step_per_sequence_s * self.capacity)
+        return self.speed.tokens_per_s(self.capacity)
 
 
 @dataclass(eq=False)
@@ -80,7 +84,7 @@ class Server:
         self.stamp = 0  # invalidates this server's older entries in the engine's event heap
 
     def step_s(self) -> float:
-        return self.model.step_base_s + self.model.step_per_sequence_s * len(self.running)
+        return self.model.speed.step_s(len(self.running))
 
     def advance(self, now: float) -> None:
         """Bring the decode clock to `now` (the running set has not changed since `self.t`)."""

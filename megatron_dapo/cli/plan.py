@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "tail_ms_per_token",
         "weight_sync_gb_per_s",
         "mean_response_fraction",
+        "response_length_sigma",
         "kept_group_fraction",
     ):
         group.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))

@@ -25,16 +25,19 @@ What the memory figures rest on:
 - SGLang: bf16 weights split over the server's TP, a bf16 KV cache, `rollout.mem_fraction` of GPU memory
   for both. Colocated, the training state (parameters, gradients, optimizer) stays on the GPU during rollout.
 The time estimate rests on the throughput flags of `Assumptions`; it ignores evaluation, and weight sync
-when colocated. With rollout.max_staleness > 0 on dedicated rollout nodes it adds the asynchronous step, in
-which generation overlaps training (timing.overlapped_step_s).
+when colocated. A server's decode step grows with the sequences it holds, so a synchronous rollout pays for
+its drain: servers emptying until the longest sample finishes alone (decode.py; benchmarks/async_rollout.py
+simulates the same servers step by step). With rollout.max_staleness > 0 on dedicated rollout nodes it
+adds the asynchronous step, in which generation overlaps training (timing.overlapped_step_s).
 
 Modules, in the order a plan is made: shape (the model), assumptions, layout (the GPUs' split and what stops
-it), parameters, memory (training, per pipeline stage), rollout (SGLang), timing, fit (`make_plan`), fixes,
-report (`format_plan`). The command line is megatron_dapo/cli/plan.py.
+it), parameters, memory (training, per pipeline stage), rollout (SGLang), decode (server speed, the drain),
+timing, fit (`make_plan`), fixes, report (`format_plan`). The command line is megatron_dapo/cli/plan.py.
 """
 
 from megatron_dapo.model.arch import padded_vocab_size
 from megatron_dapo.plan.assumptions import Assumptions, Kernels
+from megatron_dapo.plan.decode import ServerSpeed, server_speed
 from megatron_dapo.plan.fit import DOES_NOT_FIT, Plan, make_plan
 from megatron_dapo.plan.fixes import candidate_fixes, find_fixes
 from megatron_dapo.plan.layout import Cluster, Layout, Problem, make_layout
@@ -66,6 +69,7 @@ __all__ = [
     "Plan",
     "Problem",
     "RolloutMemory",
+    "ServerSpeed",
     "StageMemory",
     "StepTime",
     "candidate_fixes",
@@ -82,6 +86,7 @@ __all__ = [
     "padded_vocab_size",
     "rollout_memory",
     "saved_per_token",
+    "server_speed",
     "stage_activation_bytes",
     "stage_parameters",
     "step_time",

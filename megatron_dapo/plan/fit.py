@@ -80,7 +80,9 @@ def make_plan(cfg: DapoConfig, shape: ModelShape, cluster: Cluster, assume: Assu
     rollout = rollout_memory(shape, cfg, gpu_bytes, assume) if sglang else None
     if rollout is not None:
         problems += rollout_problems(cfg, cluster, layout, rollout, stages, assume)
-    time = step_time(shape, cfg, layout, assume) if sglang and stages else None
+    time = None
+    if rollout is not None and stages:
+        time = step_time(shape, cfg, layout, assume, rollout.mean_length_sequences_per_server)
     return Plan(
         shape=shape,
         cluster=cluster,

@@ -111,8 +111,8 @@ def _time_lines(plan: Plan) -> list[str]:
     gpus = c.nodes * c.gpus_per_node
     lines = [
         "Time per RL step (estimate; see the assumptions)",
-        f"  rollout   {t.rollout_s:8.0f} s  ({t.generated_tokens / 1e6:.1f} M generated tokens; the longest "
-        f"sample alone {t.tail_s:.0f} s)",
+        f"  rollout   {t.rollout_s:8.0f} s  ({t.generated_tokens / 1e6:.1f} M generated tokens: "
+        f"{t.decode_s:.0f} s full, {t.drain_s:.0f} s draining: the longest sample alone)",
         f"  training  {t.training_s:8.0f} s  ({t.trained_tokens / 1e6:.1f} M tokens, "
         f"{t.train_flops_per_token / 1e9:.0f} GFLOP per token with the old-log-prob forward)",
     ]
@@ -123,7 +123,7 @@ def _time_lines(plan: Plan) -> list[str]:
         eta = plan.config.rollout.max_staleness
         lines.append(
             f"  async     {t.async_s:8.0f} s  (rollout.max_staleness={eta}: max(decode {t.decode_s:.0f}, "
-            f"longest sample {t.tail_s:.0f} / {eta + 1}, training {t.training_s:.0f}) + weights "
+            f"longest sample {t.longest_s:.0f} / {eta + 1}, training {t.training_s:.0f}) + weights "
             f"{t.weight_sync_s:.0f})"
         )
         lines.append(
@@ -149,8 +149,20 @@ def _assumption_lines(plan: Plan) -> list[str]:
         f"  --peak-tflops {a.peak_tflops:g} at --mfu {a.mfu:g}; FLOPs per token: 6N + 6·layers·heads·d·seq",
         f"  --decode-tokens-per-s-per-gpu {a.decode_rate(plan.parameters):,.0f}{derived}; "
         f"--tail-ms-per-token {a.tail_ms_per_token:g}; --weight-sync-gb-per-s {a.weight_sync_gb_per_s:g}",
+        *_server_line(plan),
         f"  --mean-prompt-tokens {a.mean_prompt_tokens}; --mean-response-fraction "
         f"{a.mean_response_fraction:g} (of {cfg.rollout.max_response_tokens:,}); "
         f"--kept-group-fraction {a.kept_group_fraction:g}{unused}",
         "  not modelled: weight sync when colocated, evaluation, SGLang's CUDA graphs",
+    ]
+
+
+def _server_line(plan: Plan) -> list[str]:
+    """The decode step the two throughput flags imply (plan/decode.py)."""
+    if plan.time is None:
+        return []
+    server, sigma = plan.time.server, plan.assumptions.response_length_sigma
+    return [
+        f"  a decode step: {1000 * server.step_base_s:.1f} + {1000 * server.step_per_sequence_s:.3f}·n ms "
+        f"for n sequences ({server.capacity} full); --response-length-sigma {sigma:g} (log-normal)"
     ]

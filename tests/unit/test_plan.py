@@ -1,8 +1,10 @@
 """dapo-plan: parameter counts against transformers, memory arithmetic, refusals with working fixes, CLI."""
 
 import dataclasses
+import heapq
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -21,6 +23,7 @@ from megatron_dapo.plan import (
     padded_vocab_size,
     stage_parameters,
 )
+from megatron_dapo.plan.decode import ServerSpeed, drain_rollout_s, mean_residual_tokens
 
 PAPER_32B = "examples/dapo_qwen32b.yaml"
 
@@ -110,11 +113,64 @@ def test_step_time_follows_the_stated_assumptions():
     plan = make_plan(cfg, load_model_shape("qwen2.5-32b"), Cluster(nodes=16), assume)
     generated = 512 * 16 / 0.5 * 5120  # dynamic sampling keeps half the groups
     assert plan.time.generated_tokens == generated
-    assert plan.time.rollout_s == pytest.approx(max(generated / (1000 * 128), 20480 * 0.02))
+    # By hand: 32 TP-4 servers; a full one (capacity sequences) decodes 4,000 tokens/s, one sequence alone a
+    # token per 20 ms; the drain costs the base step per token of the longest sample beyond the mean residual.
+    capacity = plan.rollout.mean_length_sequences_per_server
+    per_sequence = (capacity / 4000 - 0.02) / (capacity - 1)
+    residual = mean_residual_tokens(5120, assume.response_length_sigma, 20480)
+    drain = (0.02 - per_sequence) * (20480 - residual)
+    assert plan.time.rollout_s == pytest.approx(generated / (1000 * 128) + drain)
+    assert 250 < drain < 400  # the tail is a third of the rollout, not hidden under the decode time
     slower = make_plan(
         cfg, load_model_shape("qwen2.5-32b"), Cluster(nodes=16), dataclasses.replace(assume, mfu=0.175)
     )
     assert slower.time.training_s == pytest.approx(2 * plan.time.training_s)
+
+
+def test_mean_residual_matches_sampled_lengths():
+    """E[L²] / 2E[L] of cut log-normal lengths, the median found from the mean, against a large sample."""
+    rng = np.random.default_rng()
+    cap, sigma = float(rng.integers(4000, 30000)), rng.uniform(0.3, 1.2)
+    lengths = np.minimum(np.exp(rng.normal(np.log(cap / rng.uniform(2, 8)), sigma, 2_000_000)), cap)
+    expected = (lengths**2).mean() / (2 * lengths.mean())
+    assert mean_residual_tokens(lengths.mean(), sigma, cap) == pytest.approx(expected, rel=0.01)
+    assert mean_residual_tokens(cap, sigma, cap) == cap / 2  # every sample at the cap
+
+
+def _lockstep_server_s(lengths: np.ndarray, speed: ServerSpeed) -> float:
+    """An independent reference: one server, a FIFO queue, each step step_s(n) for n running samples."""
+    queue, running, clock, seconds = list(lengths[::-1]), [], 0.0, 0.0
+    while running or queue:
+        while queue and len(running) < speed.capacity:
+            heapq.heappush(running, clock + queue.pop())
+        finish = heapq.heappop(running)
+        seconds += (finish - clock) * speed.step_s(len(running) + 1)
+        clock = finish
+    return seconds
+
+
+def test_drain_matches_a_lockstep_server():
+    """The closed-form synchronous rollout against a step-by-step server, at the paper's ratio of samples to
+    slots (about five per slot) and with a few percent of samples at the cap."""
+    rng = np.random.default_rng()
+    capacity, cap, sigma = int(rng.integers(60, 160)), int(rng.integers(1000, 4000)), rng.uniform(0.8, 1.1)
+    lengths = np.minimum(np.exp(rng.normal(np.log(cap / 4), sigma, 5 * capacity)), cap).round().clip(1)
+    speed = ServerSpeed(rng.uniform(0.01, 0.03), rng.uniform(5e-5, 2e-4), capacity)
+    full = lengths.sum() / speed.tokens_per_s(capacity)
+    model = drain_rollout_s(lengths.sum(), speed, cap, mean_residual_tokens(lengths.mean(), sigma, cap))
+    simulated = _lockstep_server_s(lengths, speed)
+    assert model == pytest.approx(simulated, rel=0.1)
+    assert 0.85 < (model - full) / (simulated - full) < 1.5  # the tail itself, not just the full part
+
+
+def test_async_ranks_ahead_of_colocated_sync_on_the_paper_run():
+    """The simulation (benchmarks/async_rollout.py) finds async at 80 rollout GPUs faster than colocated sync;
+    the planner must rank them the same way (it did not while it ignored the drain)."""
+    shape = load_model_shape("qwen2.5-32b")
+    colocated = make_plan(load_config(PAPER_32B), shape, Cluster(nodes=16), Assumptions()).time
+    cfg = load_config(PAPER_32B, ["rollout.colocate=false", "rollout.max_staleness=1"])
+    overlapped = make_plan(cfg, shape, DEDICATED, Assumptions()).time
+    assert overlapped.async_s < colocated.step_s
 
 
 @pytest.mark.parametrize(
@@ -225,24 +281,31 @@ DEDICATED = Cluster(nodes=16, rollout_nodes=10)
 
 @pytest.mark.parametrize("eta", [1, 2])
 @pytest.mark.parametrize(
-    ("changes", "slowest"),
-    [({}, "decode"), ({"mfu": 0.05}, "training"), ({"tail_ms_per_token": 400.0}, "tail")],
+    ("overrides", "changes", "slowest"),
+    [
+        ([], {}, "decode"),
+        (["train.prompts_per_step=16", "train.samples_per_minibatch=256"], {}, "longest"),  # few samples
+        ([], {"mfu": 0.05}, "training"),
+    ],
 )
-def test_async_step_is_the_slower_side_and_sync_the_sum(eta, changes, slowest):
-    cfg = load_config(PAPER_32B, ["rollout.colocate=false", f"rollout.max_staleness={eta}"])
+def test_async_step_is_the_slower_side_and_sync_the_sum(eta, overrides, changes, slowest):
+    cfg = load_config(PAPER_32B, ["rollout.colocate=false", f"rollout.max_staleness={eta}", *overrides])
     shape = load_model_shape("qwen2.5-32b")
     assume = dataclasses.replace(Assumptions(), **changes)
-    t = make_plan(cfg, shape, DEDICATED, assume).time
-    # By hand: 512 x 16 samples of 5,120 tokens, half the groups kept, on 10 nodes x 8 GPUs; 20,480 tokens
-    # alone; the bf16 weights over the stated bandwidth.
-    decode = 512 * 16 / 0.5 * 5120 / (assume.decode_rate(count_parameters(shape)) * 80)
-    tail = 20480 * assume.tail_ms_per_token / 1000
+    plan = make_plan(cfg, shape, DEDICATED, assume)
+    t = plan.time
+    # By hand: 512 x 16 samples of 5,120 tokens, half the groups kept, on 10 nodes x 8 GPUs; 20,480 tokens on
+    # a full server (its step: capacity sequences at the decode rate); the bf16 weights over the bandwidth.
+    rate = assume.decode_rate(count_parameters(shape))
+    decode = cfg.train.prompts_per_step * 16 / 0.5 * 5120 / (rate * 80)
+    longest = 20480 * plan.rollout.mean_length_sequences_per_server / (rate * 4)
     sync = 2 * count_parameters(shape) / (assume.weight_sync_gb_per_s * 1e9)
-    sides = {"decode": decode, "tail": tail / (eta + 1), "training": t.training_s}
+    sides = {"decode": decode, "longest": longest / (eta + 1), "training": t.training_s}
     assert max(sides, key=sides.get) == slowest  # the case really exercises its branch
     assert t.decode_s == pytest.approx(decode) and t.weight_sync_s == pytest.approx(sync)
+    assert t.longest_s == pytest.approx(longest)
     assert t.async_s == pytest.approx(sides[slowest] + sync)
-    assert t.step_s == pytest.approx(max(decode, tail) + t.training_s + sync)
+    assert t.step_s == pytest.approx(decode + t.drain_s + t.training_s + sync) and t.drain_s > 0
     assert t.async_s < t.step_s
 
 
