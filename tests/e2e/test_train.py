@@ -70,32 +70,52 @@ def test_three_steps_log_metrics_and_save_a_checkpoint_that_converts(demo_inputs
     assert changed, "three steps of training changed no weight"
 
 
-def test_asynchronous_steps_stay_within_the_staleness_bound_and_learn(demo_inputs, tmp_path):
+ASYNC = (
+    "rollout.max_staleness=1",
+    "rollout.partial=true",
+    "algorithm.rollout_is_level=sequence",
+    "algorithm.rollout_is_mode=mask",
+    "algorithm.rollout_is_cap=5.0",
+)
+
+
+def test_asynchronous_steps_stay_within_the_staleness_bound_and_resume(demo_inputs, tmp_path):
     """rollout.max_staleness=1 with partial rollouts and the sequence-level mask, through the CPU engine's
-    /pause_generation and /continue_generation: every step within the bound, some off-policy, and learning."""
+    /pause_generation and /continue_generation: every step within the bound, some off-policy; then the same
+    command with more steps resumes from the checkpoint, whose flights were generating when it was taken."""
     run_dir = tmp_path / "run"
-    command = train_command(
-        demo_inputs,
-        run_dir,
-        "rollout.max_staleness=1",
-        "rollout.partial=true",
-        "algorithm.rollout_is_level=sequence",
-        "algorithm.rollout_is_mode=mask",
-        "algorithm.rollout_is_cap=5.0",
-        "train.steps=6",
-        "checkpoint.save_every_steps=0",
-        "eval.every_steps=6",
-    )
-    code, output = run(command, tmp_path / "train.log")
+    settings = (*ASYNC, "checkpoint.save_every_steps=1", "eval.every_steps=0")
+    code, output = run(train_command(demo_inputs, run_dir, *settings, "train.steps=3"), tmp_path / "a.log")
     assert code == 0, output[-4000:]
+    code, output = run(train_command(demo_inputs, run_dir, *settings, "train.steps=6"), tmp_path / "b.log")
+    assert code == 0, output[-4000:]
+    assert "resumed from" in output and "(step 3)" in output
     steps = read_steps(run_dir)
-    assert sorted(steps) == list(range(7))
+    assert set(range(1, 7)) <= set(steps)
     trained = [steps[s] for s in range(1, 7)]
     assert all(0 <= m["rollout/staleness_max"] <= 1 for m in trained)
     assert any(m["rollout/offpolicy_token_share"] > 0 for m in trained), "nothing was generated ahead"
     assert all(m["train/updates"] == 2 and m["train/updates_skipped"] == 0 for m in trained)
-    assert all("timing/wait_rollout_s" in m for m in trained)
-    assert steps[6]["eval/avg@2"] >= 0  # the run ends with its evaluation
+    assert all("timing/wait_rollout_s" in m and "train/is_masked_share" in m for m in trained)
+
+
+def test_partial_rollouts_in_the_synchronous_loop_continue_the_aborted_surplus(demo_inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    command = train_command(
+        demo_inputs,
+        run_dir,
+        "rollout.partial=true",
+        "rollout.max_inflight_prompts=16",  # a surplus in flight when the batch fills
+        "train.steps=4",
+        "checkpoint.save_every_steps=0",
+        "eval.every_steps=0",
+    )
+    code, output = run(command, tmp_path / "train.log")
+    assert code == 0, output[-4000:]
+    steps = [m for s, m in read_steps(run_dir).items() if s > 0]
+    assert sum(m["rollout/resumed_samples"] for m in steps) > 0, "no interrupted sample was continued"
+    assert all(m["sampling/tokens_discarded"] == 0 for m in steps)
+    assert all(m["rollout/staleness_max"] <= 1 for m in steps)
 
 
 def test_bad_rows_stop_the_run_before_anything_starts(demo_inputs, tmp_path):
