@@ -78,3 +78,18 @@ def test_each_recipe_config_fits_the_nodes_its_script_asks_for(recipe, config, m
         load_config(EXAMPLES / config), load_model_shape(model), Cluster(nodes, gpus), Assumptions()
     )
     assert plan.fits, [p.what for p in plan.problems]
+
+
+def test_the_async_32b_example_is_the_papers_run_on_dedicated_nodes():
+    cfg = load_config(EXAMPLES / "dapo_qwen32b_async.yaml")
+    paper = load_config(EXAMPLES / "dapo_qwen32b.yaml")
+    assert (cfg.rollout.max_staleness, cfg.rollout.partial, cfg.rollout.colocate) == (1, True, False)
+    assert cfg.algorithm.rollout_is_cap == 2.0 and cfg.train == paper.train
+    header = (EXAMPLES / "dapo_qwen32b_async.yaml").read_text()
+    nodes = int(re.search(r"--nodes=(\d+)", header).group(1))
+    rollout_nodes = int(re.search(r"ROLLOUT_NODES=(\d+)", header).group(1))
+    plan = make_plan(
+        cfg, load_model_shape("qwen2.5-32b"), Cluster(nodes, rollout_nodes=rollout_nodes), Assumptions()
+    )
+    assert plan.fits, [p.what for p in plan.problems]
+    assert plan.time.async_s < plan.time.step_s  # overlapping pays on this split
