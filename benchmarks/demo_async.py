@@ -166,20 +166,25 @@ def mean_cell(values: Sequence[float], fmt: str) -> str:
     return f"not reached in {missed} of {len(values)}" if missed else fmt.format(statistics.fmean(values))
 
 
+def ratios(results: dict[str, dict[int, dict[str, float]]], mode: str, name: str) -> list[float]:
+    """Per seed: the mode's `name` over the sync run's."""
+    return [row[name] / results["sync"][seed][name] for seed, row in results[mode].items()]
+
+
 def table(results: dict[str, dict[int, dict[str, float]]], goal: float) -> str:
-    lines = ["| mode | seed | " + " | ".join(h for _, h, _ in COLUMNS) + " | to target / sync |"]
-    lines.append("|---" * (len(COLUMNS) + 3) + "|")
+    headers = [h for _, h, _ in COLUMNS] + ["training / sync", "to target / sync"]
+    lines = ["| mode | seed | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
     for mode, by_seed in results.items():
-        ratios = [row["to_target_s"] / results["sync"][seed]["to_target_s"] for seed, row in by_seed.items()]
-        for (seed, row), ratio in zip(by_seed.items(), ratios, strict=True):
-            cells = [fmt.format(row[name]) for name, _, fmt in COLUMNS]
-            lines.append(f"| {mode} | {seed} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        train, target = ratios(results, mode, "train_s"), ratios(results, mode, "to_target_s")
+        for (seed, row), *rs in zip(by_seed.items(), train, target, strict=True):
+            cells = [fmt.format(row[name]) for name, _, fmt in COLUMNS] + [f"{r:.2f}" for r in rs]
+            lines.append(f"| {mode} | {seed} | " + " | ".join(cells) + " |")
         means = [mean_cell([row[name] for row in by_seed.values()], fmt) for name, _, fmt in COLUMNS]
-        ratio = mean_cell(ratios, "{:.2f}")
+        means += [mean_cell(train, "{:.2f}"), mean_cell(target, "{:.2f}")]
         if mode != "sync":
-            met = statistics.fmean(ratios) <= goal
-            ratio = f"**{ratio}** (goal <= {goal}: {'met' if met else 'not met'})"
-        lines.append(f"| {mode} | mean | " + " | ".join(means) + f" | {ratio} |")
+            met = statistics.fmean(target) <= goal
+            means[-1] = f"**{means[-1]}** (goal <= {goal}: {'met' if met else 'not met'})"
+        lines.append(f"| {mode} | mean | " + " | ".join(means) + " |")
     return "\n".join(lines)
 
 
