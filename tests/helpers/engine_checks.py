@@ -211,6 +211,45 @@ async def resume_with_reference_weights(
     assert completion.weight_version == weight_version
 
 
+async def pause_for_a_weight_update_then_continue(client: SGLangClient, engine: EngineUnderTest) -> None:
+    """The asynchronous trainer's weight update (trainer/rollout/collector.py pause/resume): "abort" returns
+    the running sample's tokens so far; requests sent while paused wait; weights load without waiting for
+    paused requests; after /continue_generation a retracted sample decodes on with the new weights."""
+    long = SamplingParams(temperature=1.0, max_new_tokens=CONTEXT_TOKENS - len(PROMPT) - 1, seed=7)
+    running = asyncio.ensure_future(client.generate(PROMPT, long, request_id="paused-abort"))
+    await asyncio.sleep(engine.abort_after_s)
+    await client.pause_generation("abort")
+    [partial] = await running
+    assert partial.finish_reason is FinishReason.ABORT and 0 < len(partial.token_ids) < long.max_new_tokens
+    assert_logprobs_match(engine.reference, PROMPT, partial, 1.0, engine.logprob_tolerance)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    waiting = asyncio.ensure_future(client.generate(PROMPT, greedy))
+    await asyncio.sleep(engine.abort_after_s)
+    assert not waiting.done(), "a request sent while paused must wait for /continue_generation"
+    with weight_payload(on_device(engine.other, engine.device), engine.device) as payload:
+        await client.update_weights_from_tensor([payload], weight_version=4)
+    await client.continue_generation()
+    [after] = await waiting
+    assert after.token_ids == greedy_reference(engine.other, PROMPT, 8) and after.weight_version == 4
+
+    running = asyncio.ensure_future(client.generate(PROMPT, long, request_id="paused-retract"))
+    await asyncio.sleep(engine.abort_after_s)
+    await client.pause_generation("retract")
+    with weight_payload(on_device(engine.reference, engine.device), engine.device) as payload:
+        await client.update_weights_from_tensor([payload], weight_version=5)
+    await client.continue_generation()
+    await asyncio.sleep(engine.abort_after_s)
+    await client.abort("paused-retract")
+    [spanning] = await running
+    assert spanning.weight_version == 5
+    if spanning.token_weight_versions:  # engines that report each token's version (newer SGLang, ours)
+        split = spanning.token_weight_versions.index(5)
+        assert set(spanning.token_weight_versions[:split]) == {4} and split > 0
+        after_update = Completion(spanning.token_ids[split:], spanning.logprobs[split:], FinishReason.ABORT)
+        prefix = (*PROMPT, *spanning.token_ids[:split])
+        assert_logprobs_match(engine.reference, prefix, after_update, 1.0, engine.logprob_tolerance)
+
+
 async def seeded_sampling_is_reproducible(client: SGLangClient, engine: EngineUnderTest) -> None:
     """Not in CONFORMANCE_CHECKS: SGLang honours sampling_seed only in its deterministic mode."""
     params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=11)
@@ -228,6 +267,7 @@ CONFORMANCE_CHECKS = (
     abort_ends_requests_in_flight,
     weight_updates_in_both_formats,
     release_update_resume_cycle,
+    pause_for_a_weight_update_then_continue,
 )
 
 
