@@ -10,6 +10,7 @@ from megatron_dapo.algo import DynamicSampler
 from megatron_dapo.data.dataset import PromptLoader
 from megatron_dapo.rollout.types import Completion, FinishReason, SamplingParams
 from megatron_dapo.trainer.rollout.collector import RewardSettings, RolloutCollector, RolloutSettings
+from megatron_dapo.trainer.rollout.flights import Flight
 from tests.unit.test_trainer_rollout import TOKENIZER, prompts
 
 G = 4
@@ -216,3 +217,18 @@ def test_flights_survive_a_checkpoint_with_their_tokens():
     restored.version = 1
     batch, metrics = asyncio.run(restored.collect(2))
     assert len(batch) == 4 and metrics["rollout"]["resumed_samples"] > 0
+
+
+def test_a_sample_interrupted_at_the_limit_is_truncated_not_continued():
+    async def relaunch() -> Flight:
+        flight = Flight.new(prompts([0.5])[0], step=1, submission=0, samples=2)
+        flight.samples[0].extend(
+            Completion([FILLER] * MAX_TOKENS, [-0.1] * MAX_TOKENS, FinishReason.ABORT), 0
+        )
+        flight.launch(TimedEngine([0.5]), SamplingParams(max_new_tokens=MAX_TOKENS), version=1, run_seed=3)
+        flight.settle(await flight.task)
+        return flight
+
+    flight = asyncio.run(relaunch())
+    assert flight.finished and flight.samples[0].finish_reason is FinishReason.LENGTH
+    assert len(flight.samples[0].token_ids) == MAX_TOKENS and flight.request_ids == ["step1-0-0-r1s1"]

@@ -97,6 +97,9 @@ class Flight:
         """Start the unfinished samples: all G in one request while none has a token, else one request per
         unfinished sample, continuing from its tokens."""
         self.version, self.launches = version, self.launches + 1
+        for sample in self.samples:  # interrupted as it reached the limit: it is truncated, not unfinished
+            if sample.finish_reason is None and len(sample.token_ids) >= params.max_new_tokens:
+                sample.finish_reason = FinishReason.LENGTH
         todo = [i for i, s in enumerate(self.samples) if s.finish_reason is None]
         base = f"step{self.step}-{self.submission}-{self.prompt.record.index}"
         if not any(self.samples[i].token_ids for i in todo) and len(todo) == len(self.samples):
