@@ -215,7 +215,7 @@ def test_max_new_tokens_beyond_the_context_is_refused_as_sglang_does(model_dir):
                 for body in (
                     greedy_body(prompt, max_new_tokens=room),  # prompt + new = context: SGLang refuses it
                     greedy_body(prompt, max_new_tokens=room - 1),
-                    greedy_body(prompt * 3, max_new_tokens=1),  # the prompt alone overflows
+                    greedy_body(prompt * 4, max_new_tokens=1),  # the prompt alone overflows (>= 160)
                 )
             ]
 
