@@ -130,8 +130,9 @@ class DynamicSampler(Generic[GroupT]):
 
     def drop_kept(self, unwanted: Callable[[GroupT], bool]) -> list[GroupT]:
         """Remove and return the kept groups `unwanted` names (e.g. too stale to train on any more)."""
-        dropped = [g for g in self._kept if unwanted(g)]
-        self._kept = [g for g in self._kept if not unwanted(g)]
+        flags = [unwanted(g) for g in self._kept]
+        dropped = [g for g, drop in zip(self._kept, flags, strict=True) if drop]
+        self._kept = [g for g, drop in zip(self._kept, flags, strict=True) if not drop]
         self._carried_in = min(self._carried_in, len(self._kept))
         return dropped
 

@@ -268,14 +268,14 @@ class RolloutCollector:
         for group in self.sampler.drop_kept(lambda g: self._stale(g.weight_version, step)):
             tokens = sum(len(r.token_ids) for r in group.responses)
             self._drop(group.prompt_index, len(group.responses), tokens)
-        for flights in (self.waiting, self.running):
-            stale = [f for f in flights if self._stale(f.oldest_version, step)]
-            for flight in stale:
-                flights.remove(flight)
-                if flight.task is not None:
-                    await self._interrupt([flight])
-                    self.tally.tokens_generated += flight.settle(flight.task.result())
-                self._drop(flight.prompt.record.index, len(flight.samples), flight.tokens)
+        stale = [f for f in self.waiting + self.running if self._stale(f.oldest_version, step)]
+        self.waiting = [f for f in self.waiting if f not in stale]
+        self.running = [f for f in self.running if f not in stale]
+        await self._interrupt([f for f in stale if f.task is not None])  # one round of aborts for all
+        for flight in stale:
+            if flight.task is not None:
+                self.tally.tokens_generated += flight.settle(flight.task.result())
+            self._drop(flight.prompt.record.index, len(flight.samples), flight.tokens)
 
     async def _interrupt(self, flights: list[Flight]) -> None:
         """Abort the flights' requests and wait until each has returned what it generated."""

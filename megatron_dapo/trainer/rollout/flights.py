@@ -55,7 +55,7 @@ class SampleSoFar:
         return Completion(list(self.token_ids), list(self.logprobs), self.finish_reason or FinishReason.ABORT)
 
 
-@dataclass
+@dataclass(eq=False)  # a flight is itself: compared by identity
 class Flight:
     """A prompt's G samples from submission until every sample has finished."""
 
